@@ -1,0 +1,61 @@
+"""Build optimizers from a name, a class or a factory, as the DNI arguments allow."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Union
+
+import torch
+from torch import nn
+
+__all__ = ["OptimSpec", "OPTIMIZERS", "make_optimizer"]
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
+
+OptimSpec = Union[str, type[torch.optim.Optimizer], Callable[[list[nn.Parameter]], torch.optim.Optimizer]]
+
+
+def make_optimizer(spec: OptimSpec | None, params: Iterable[nn.Parameter], lr: float,
+                   default: str = "adam") -> torch.optim.Optimizer:
+    """Build an optimizer over ``params``.
+
+    Args:
+        spec: a name from ``OPTIMIZERS`` (built with ``lr``), an optimizer class
+            (built with ``lr``), a factory ``params -> Optimizer``, or None for
+            ``default``.
+        params: the parameters to optimize.
+        lr: learning rate for a name or a class.
+        default: the name used when ``spec`` is None.
+
+    Returns:
+        The optimizer.
+
+    Raises:
+        ValueError: for an unknown name.
+        TypeError: for an optimizer instance, or a factory that returns no optimizer.
+    """
+    params = list(params)
+    if spec is None:
+        spec = default
+    if isinstance(spec, torch.optim.Optimizer):
+        raise TypeError("pass an optimizer class, a name or a factory `params -> Optimizer`, not an "
+                        "optimizer instance: each wrapped unit needs its own optimizer over its own parameters")
+    if isinstance(spec, str):
+        try:
+            cls = OPTIMIZERS[spec.lower()]
+        except KeyError:
+            raise ValueError(f"unknown optimizer {spec!r}; choose one of {sorted(OPTIMIZERS)}") from None
+        return cls(params, lr=lr)
+    if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
+        return spec(params, lr=lr)
+    if callable(spec):
+        opt = spec(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer")
+        return opt
+    raise TypeError(f"cannot build an optimizer from {spec!r}")

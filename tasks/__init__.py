@@ -1,0 +1,1 @@
+"""Tasks: the models and training scripts of the paper's experiments."""

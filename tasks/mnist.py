@@ -1,0 +1,142 @@
+"""MNIST in-process: an MLP trained by backprop, DNI (λ=0) or cDNI with the ``DNI`` wrapper.
+
+Run ``python -m tasks.mnist --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from dni_async import DNI
+from dni_async.data import load_mnist
+
+__all__ = ["mnist_fcn", "evaluate", "train", "main"]
+
+log = logging.getLogger("tasks.mnist")
+MODES = ("backprop", "dni", "cdni")
+
+
+def mnist_fcn(hidden_size: int = 256, num_layers: int = 3, batchnorm: bool = True) -> nn.Sequential:
+    """The paper's MNIST MLP: ``num_layers`` x (Linear -> BatchNorm -> ReLU), then Linear -> 10."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = 28 * 28
+    for _ in range(num_layers):
+        layers.append(nn.Linear(width, hidden_size))
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(hidden_size))
+        layers.append(nn.ReLU())
+        width = hidden_size
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Accuracy of ``model`` on the given images, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        correct += int((model(images[i:i + batch_size]).argmax(-1) == labels[i:i + batch_size]).sum())
+    model.train(was_training)
+    return correct / len(images)
+
+
+def train(mode: str, data_dir: str | None, epochs: int = 1, batch_size: int = 128, lr: float = 3e-4,
+          sg_lr: float = 3e-3, hidden_size: int = 256, num_layers: int = 3,
+          seed: int = 0, train_limit: int | None = None, progress: bool = True) -> dict[str, float]:
+    """Train the MLP in one process and return ``{"accuracy", "wall_s", ...}``.
+
+    Args:
+        mode: ``backprop``, ``dni`` (λ=0: every leaf module but the output
+            layer update-unlocked by a linear SG) or ``cdni`` (``dni`` with the one-hot label as SG context).
+        data_dir: folder with the MNIST files (None: ``$DNI_ASYNC_DATA``).
+        epochs: passes over the training set.
+        batch_size: minibatch size.
+        lr: Adam learning rate of the network.
+        sg_lr: Adam learning rate of the SG modules.
+        hidden_size: width of the hidden layers.
+        num_layers: number of hidden layers.
+        seed: RNG seed (weights and data order).
+        train_limit: use only the first N training images (for tests).
+        progress: show a progress bar.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    torch.manual_seed(seed)
+    x_train, y_train = load_mnist(data_dir, "train")
+    x_test, y_test = load_mnist(data_dir, "test")
+    if train_limit is not None:
+        x_train, y_train = x_train[:train_limit], y_train[:train_limit]
+    model = mnist_fcn(hidden_size, num_layers)
+    if mode == "backprop":
+        net: nn.Module = model
+        opt: torch.optim.Optimizer | None = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        net = DNI(model, λ=0.0, grad_lr=sg_lr,
+                  optim=lambda ps: torch.optim.Adam(ps, lr=lr),
+                  context_size=10 if mode == "cdni" else 0)
+        opt = None
+    start = time.perf_counter()
+    steps = epochs * ((len(x_train) + batch_size - 1) // batch_size)
+    bar = tqdm(total=steps, disable=not progress, desc=f"mnist {mode}", unit="step")
+    for _ in range(epochs):
+        order = torch.randperm(len(x_train))
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            x, y = x_train[idx], y_train[idx]
+            if isinstance(net, DNI) and net.context_size:
+                net.set_context(y)
+            if opt is not None:
+                opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            if opt is not None:
+                opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    wall = time.perf_counter() - start
+    return {"accuracy": evaluate(model, x_test, y_test), "wall_s": wall, "steps": steps}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: train one mode and print the test accuracy as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mode", choices=MODES, default="dni", help="training method (default: dni)")
+    parser.add_argument("--data-dir", default=None, help="folder with the MNIST files (else $DNI_ASYNC_DATA)")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the training set (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: 128)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="network learning rate, Adam (default: 3e-4)")
+    parser.add_argument("--sg-lr", type=float, default=3e-3, help="SG learning rate, Adam (default: 3e-3)")
+    parser.add_argument("--hidden-size", type=int, default=256, help="hidden layer width (default: 256)")
+    parser.add_argument("--num-layers", type=int, default=3, help="hidden layers (default: 3)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "hidden_size", "num_layers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = train(args.mode, args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   sg_lr=args.sg_lr, hidden_size=args.hidden_size,
+                   num_layers=args.num_layers, seed=args.seed)
+    print(json.dumps({"mode": args.mode, "epochs": args.epochs, **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
