@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable, Union
@@ -46,6 +47,21 @@ __all__ = ["DNI"]
 # ``queue_callback``, the hook DDP uses for the same purpose: it runs once the
 # current backward call has finished, whichever backward that is. Autograd runs
 # callbacks with grad mode off, hence ``torch.enable_grad()`` there.
+
+
+def _check_coverage(network: nn.Module, units: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a parameter shared by two units (it would be stepped twice); warn of unwrapped ones."""
+    owner: dict[nn.Parameter, str] = {}
+    for name, module in units:
+        for p in module.parameters():
+            if p in owner:
+                raise ValueError(f"a parameter is shared by units {owner[p]!r} and {name!r} (tied weights); "
+                                 "wrap a module that contains both, or pass recursive=False")
+            owner[p] = name
+    loose = [n for n, p in network.named_parameters() if p.requires_grad and p not in owner]
+    if loose:
+        warnings.warn(f"DNI wraps leaf modules only; these parameters belong to no unit and are trained "
+                      f"only by an optimizer of your own: {loose}", stacklevel=3)
 
 
 @dataclass(eq=False)
@@ -173,6 +189,7 @@ class DNI(nn.Module):
         if output_unit is not None and output_unit not in {n for n, _ in candidates}:
             raise ValueError(f"output_unit {output_unit!r} is not a wrapped unit; "
                              f"units: {[n for n, _ in candidates]}")
+        _check_coverage(network, candidates)
         self._units: list[_Unit] = []
         for name, module in candidates:
             params = [p for p in module.parameters() if p.requires_grad]

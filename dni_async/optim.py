@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Union, cast
 
 import torch
 from torch import nn
 
 __all__ = ["OptimSpec", "OPTIMIZERS", "make_optimizer"]
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
@@ -52,9 +52,11 @@ def make_optimizer(spec: OptimSpec | None, params: Iterable[nn.Parameter], lr: f
             raise ValueError(f"unknown optimizer {spec!r}; choose one of {sorted(OPTIMIZERS)}") from None
         return cls(params, lr=lr)
     if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
-        return spec(params, lr=lr)
+        build: Callable[..., torch.optim.Optimizer] = spec
+        return build(params, lr=lr)
     if callable(spec):
-        opt = spec(params)
+        factory = cast(Callable[[list[nn.Parameter]], object], spec)
+        opt = factory(params)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer")
         return opt

@@ -23,6 +23,7 @@ __all__ = ["mnist_fcn", "evaluate", "train", "main"]
 
 log = logging.getLogger("tasks.mnist")
 MODES = ("backprop", "dni", "cdni")
+SG_TARGETS = ("batch", "raw")
 
 
 def mnist_fcn(hidden_size: int = 256, num_layers: int = 3, batchnorm: bool = True) -> nn.Sequential:
@@ -52,8 +53,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 
 def train(mode: str, data_dir: str | None, epochs: int = 1, batch_size: int = 128, lr: float = 3e-4,
-          sg_lr: float = 3e-3, hidden_size: int = 256, num_layers: int = 3,
-          seed: int = 0, train_limit: int | None = None, progress: bool = True) -> dict[str, float]:
+          sg_lr: float = 3e-3, sg_layers: int = 0, sg_hidden: int = 10, sg_targets: str = "batch",
+          hidden_size: int = 256, num_layers: int = 3, seed: int = 0,
+          progress: bool = True) -> dict[str, float]:
     """Train the MLP in one process and return ``{"accuracy", "wall_s", ...}``.
 
     Args:
@@ -64,25 +66,28 @@ def train(mode: str, data_dir: str | None, epochs: int = 1, batch_size: int = 12
         batch_size: minibatch size.
         lr: Adam learning rate of the network.
         sg_lr: Adam learning rate of the SG modules.
+        sg_layers: hidden layers of the ``LinearDNI`` SGs (0: linear).
+        sg_hidden: width of those hidden layers.
+        sg_targets: ``batch`` (regress B * dL/dh) or ``raw`` (regress dL/dh).
         hidden_size: width of the hidden layers.
         num_layers: number of hidden layers.
         seed: RNG seed (weights and data order).
-        train_limit: use only the first N training images (for tests).
         progress: show a progress bar.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if sg_targets not in SG_TARGETS:
+        raise ValueError(f"sg_targets must be one of {SG_TARGETS}, got {sg_targets!r}")
     torch.manual_seed(seed)
     x_train, y_train = load_mnist(data_dir, "train")
     x_test, y_test = load_mnist(data_dir, "test")
-    if train_limit is not None:
-        x_train, y_train = x_train[:train_limit], y_train[:train_limit]
     model = mnist_fcn(hidden_size, num_layers)
     if mode == "backprop":
         net: nn.Module = model
         opt: torch.optim.Optimizer | None = torch.optim.Adam(model.parameters(), lr=lr)
     else:
-        net = DNI(model, λ=0.0, grad_lr=sg_lr,
+        net = DNI(model, λ=0.0, grad_lr=sg_lr, hidden_size=sg_hidden, dni_params={"num_layers": sg_layers},
+                  batch_scaled=sg_targets == "batch",
                   optim=lambda ps: torch.optim.Adam(ps, lr=lr),
                   context_size=10 if mode == "cdni" else 0)
         opt = None
@@ -118,23 +123,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: 128)")
     parser.add_argument("--lr", type=float, default=3e-4, help="network learning rate, Adam (default: 3e-4)")
     parser.add_argument("--sg-lr", type=float, default=3e-3, help="SG learning rate, Adam (default: 3e-3)")
+    parser.add_argument("--sg-layers", type=int, default=0,
+                        help="hidden layers of the LinearDNI SGs; 0 = linear SG (default: 0)")
+    parser.add_argument("--sg-hidden", type=int, default=10, help="width of the SG hidden layers (default: 10)")
+    parser.add_argument("--sg-targets", choices=SG_TARGETS, default="batch",
+                        help="SG regresses batch-scaled B*dL/dh or the raw gradient (default: batch)")
     parser.add_argument("--hidden-size", type=int, default=256, help="hidden layer width (default: 256)")
     parser.add_argument("--num-layers", type=int, default=3, help="hidden layers (default: 3)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "hidden_size", "num_layers"):
+    for name in ("epochs", "batch_size", "hidden_size", "num_layers", "sg_hidden"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.sg_layers < 0:
+        parser.error("--sg-layers must be >= 0")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = train(args.mode, args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   sg_lr=args.sg_lr, hidden_size=args.hidden_size,
+                   sg_lr=args.sg_lr, sg_layers=args.sg_layers, sg_hidden=args.sg_hidden,
+                   sg_targets=args.sg_targets, hidden_size=args.hidden_size,
                    num_layers=args.num_layers, seed=args.seed)
-    print(json.dumps({"mode": args.mode, "epochs": args.epochs, **result}))
+    print(json.dumps({"mode": args.mode, "epochs": args.epochs, "seed": args.seed, **result}))
     return 0
 
 

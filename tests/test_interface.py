@@ -296,3 +296,23 @@ def test_conv_and_rnn_units_get_matching_sgs() -> None:
     assert isinstance(rnn.synthetic["rnn"], RNNDNI)
     F.mse_loss(rnn(torch.randn(2, 4, 3)), torch.zeros(2, 4, 2)).backward()
     assert "rnn" in rnn.sg_losses()
+
+
+def test_tied_and_unwrapped_parameters() -> None:
+    tied = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(ValueError, match="shared by units '0' and '2'"):
+        DNI(tied)
+    DNI(tied, recursive=False)  # one unit holds both: fine
+
+    class WithOwnParam(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * self.scale
+
+    with pytest.warns(UserWarning, match=r"\['scale'\]"):
+        DNI(WithOwnParam())
