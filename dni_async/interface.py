@@ -74,7 +74,7 @@ class _Unit:
     optimizer: torch.optim.Optimizer
     is_output: bool
     synthetic_grads: list[torch.Tensor | None] | None = None
-    stepped_by_backward: bool = False
+    awaiting_step: bool = False
     params: list[nn.Parameter] = field(default_factory=list)
 
     def clear_grads(self) -> None:
@@ -116,8 +116,9 @@ class DNI(nn.Module):
             by the true gradient; ``"auto"`` = the last leaf with parameters when
             ``recursive`` (none otherwise); ``None`` gives every unit an SG.
         batch_scaled: regress batch-scaled targets ``B·∂L/∂h`` (O(1) for a
-            mean-reduced loss) and divide predictions by ``B``; False regresses
-            the raw gradient.
+            mean-reduced loss) and divide predictions by ``B``, the
+            activation's first dimension (the batch for batch-first
+            activations); False regresses the raw gradient.
 
     Raises:
         ValueError: for a bad argument or a network with no trainable unit.
@@ -357,9 +358,6 @@ class DNI(nn.Module):
             return None
         if self._context is None:
             raise RuntimeError("this DNI has context_size > 0: call set_context(labels) before forward")
-        if self._context.shape[0] != h.shape[0]:
-            raise RuntimeError(f"context has batch {self._context.shape[0]} but the activation has "
-                               f"batch {h.shape[0]}")
         return self._context.to(h.device)
 
     def _on_target(self, unit: _Unit, h: torch.Tensor, ctx: torch.Tensor | None, grad: torch.Tensor) -> None:
@@ -370,7 +368,7 @@ class DNI(nn.Module):
     def _on_true_grad(self, unit: _Unit, stash: tuple[torch.Tensor, torch.Tensor | None] | None,
                       grad: torch.Tensor) -> None:
         """Tensor hook on a connected unit's output: step it once the backward has finished."""
-        unit.stepped_by_backward = True
+        unit.awaiting_step = True
         if stash is not None:
             self._pending_targets.append((unit, stash[0], stash[1], grad.detach()))
         self._queue_flush()
@@ -388,9 +386,9 @@ class DNI(nn.Module):
             for unit, h, ctx, grad in targets:
                 self._train_sg(unit, h, ctx, grad)
         for unit in self._units:
-            if not unit.stepped_by_backward:
+            if not unit.awaiting_step:
                 continue
-            unit.stepped_by_backward = False
+            unit.awaiting_step = False
             if unit.synthetic_grads is not None:
                 lam = self.lambda_
                 for p, g in zip(unit.params, unit.synthetic_grads):

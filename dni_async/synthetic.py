@@ -94,9 +94,10 @@ class LinearDNI(DNINetwork):
     """``Linear -> ReLU`` x ``num_layers`` -> ``Linear`` over the last dimension.
 
     ``num_layers=0`` (the default) is a purely linear SG, W x W: on the MNIST
-    MLP it reached 0.88-0.92 test accuracy after one epoch where one hidden
-    layer of 10 (W -> 10 -> W) reached 0.30 (see the README). With
-    ``num_layers >= 1`` a narrow ``hidden_size`` makes a cheap low-rank SG.
+    MLP it reached 0.918 test accuracy after one epoch where one hidden layer
+    of 10 (W -> 10 -> W) reached 0.808 and one of 256 reached 0.828 (README,
+    Results). With ``num_layers >= 1`` a narrow ``hidden_size`` makes a cheap
+    low-rank SG.
     """
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, num_layers: int = 0,
