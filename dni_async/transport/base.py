@@ -1,0 +1,161 @@
+"""The transport interface: bounded, asynchronous message channels between neighbouring stages."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+__all__ = [
+    "KINDS",
+    "DIRECTIONS",
+    "Message",
+    "TransportOptions",
+    "TransportStats",
+    "PeerLost",
+    "Aborted",
+    "Transport",
+]
+
+# Message kinds (DESIGN.md, "Messages"). `act`, `eval` and `stop` travel forward
+# (stage i -> i+1) and `grad` travels backward (i+1 -> i); `stop` also travels
+# backward at shutdown, and `abort` may travel either way.
+KINDS = ("act", "grad", "eval", "stop", "abort")
+# Inbound traffic is kept in one bounded queue per direction: "forward" holds
+# what came from stage-1, "backward" what came from stage+1. Two queues (and two
+# sockets) are what keep backpressure free of deadlock: a stage whose forward
+# queue is full still drains the gradients coming back.
+DIRECTIONS = ("forward", "backward")
+
+
+@dataclass
+class Message:
+    """One message: a kind, the training step it belongs to, its sender and its tensors."""
+
+    kind: str
+    step: int
+    src: int
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class TransportOptions:
+    """Settings shared by every transport."""
+
+    bind_host: str = "127.0.0.1"
+    """Address the data-plane sockets bind to (loopback unless told otherwise)."""
+    advertise_host: str | None = None
+    """Address peers use to reach this stage; None: ``bind_host``."""
+    queue_size: int = 8
+    """Inbound queue bound per direction, and the socket high-water mark, in messages."""
+    peer_timeout: float = 60.0
+    """Seconds a send may block on a full peer before the peer counts as lost."""
+    max_message_bytes: int = 1 << 30
+    """Largest message accepted from the network; larger ones are rejected."""
+    rpc_init_method: str | None = None
+    """``tcp://host:port`` rendezvous for the rpc transport (unused by zmq)."""
+
+    def __post_init__(self) -> None:
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
+        if self.peer_timeout <= 0:
+            raise ValueError(f"peer_timeout must be > 0, got {self.peer_timeout}")
+
+
+@dataclass
+class TransportStats:
+    """Counters of one transport, reported in summary.json."""
+
+    messages_sent: int = 0
+    messages_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    rejected: int = 0
+
+
+class PeerLost(RuntimeError):
+    """A peer is gone, or did not take a message within ``peer_timeout``."""
+
+    def __init__(self, peer: int, reason: str) -> None:
+        super().__init__(f"lost stage {peer}: {reason}")
+        self.peer = peer
+
+
+class Aborted(RuntimeError):
+    """An ``abort`` message arrived: another stage failed."""
+
+    def __init__(self, src: int, reason: str) -> None:
+        super().__init__(f"stage {src} aborted the run: {reason}")
+        self.src = src
+        self.reason = reason
+
+
+class Transport(abc.ABC):
+    """Channels of one stage to its neighbours (stage - 1 and stage + 1).
+
+    Lifecycle: ``endpoint = t.bind()`` (start listening; the runtime publishes
+    the endpoint through the torchrun store), ``t.connect(endpoints)`` (all
+    stages' endpoints, by stage), then ``send``/``recv``, then ``close()``.
+    An implementation drains its inbound channels on its own I/O thread into
+    the bounded per-direction queues, so that a stage blocked in ``send`` keeps
+    receiving.
+
+    Args:
+        stage: this stage's index.
+        num_stages: number of stages.
+        options: shared settings.
+    """
+
+    def __init__(self, stage: int, num_stages: int, options: TransportOptions) -> None:
+        if not 0 <= stage < num_stages:
+            raise ValueError(f"stage {stage} out of range for {num_stages} stages")
+        self.stage = stage
+        self.num_stages = num_stages
+        self.options = options
+        self.stats = TransportStats()
+
+    @abc.abstractmethod
+    def bind(self) -> str:
+        """Start listening; return the endpoint that peers connect to."""
+
+    @abc.abstractmethod
+    def connect(self, endpoints: Mapping[int, str]) -> None:
+        """Connect to the neighbours, given every stage's endpoint."""
+
+    @abc.abstractmethod
+    def send(self, dst: int, msg: Message) -> None:
+        """Send ``msg`` to neighbour ``dst``.
+
+        Blocks while the peer's inbound queue is full (backpressure). The
+        tensors must not be modified afterwards (sends may be zero-copy).
+
+        Raises:
+            PeerLost: if the peer took nothing for ``options.peer_timeout`` seconds.
+            ValueError: if ``dst`` is not a neighbour or the kind is unknown.
+        """
+
+    @abc.abstractmethod
+    def recv(self, direction: str, timeout: float | None = None) -> Message | None:
+        """Next message from one direction's queue, in the sender's order.
+
+        Args:
+            direction: ``"forward"`` (from stage - 1) or ``"backward"`` (from stage + 1).
+            timeout: seconds to wait; 0 polls; None waits without bound.
+
+        Returns:
+            The message, or None if none came in time.
+
+        Raises:
+            Aborted: when an ``abort`` message has arrived from any stage.
+        """
+
+    @abc.abstractmethod
+    def queue_depth(self, direction: str) -> int:
+        """Messages waiting in one direction's queue."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release sockets, threads and files; idempotent."""
