@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,11 @@ from torch import nn
 from tqdm import tqdm
 
 from dni_async import DNI
+from dni_async.config import PipelineConfig
 from dni_async.data import load_mnist
+from dni_async.pipeline import PipelineTask
 
-__all__ = ["mnist_fcn", "evaluate", "train", "main"]
+__all__ = ["mnist_fcn", "fcn_blocks", "pipeline_task", "evaluate", "train", "main"]
 
 log = logging.getLogger("tasks.mnist")
 MODES = ("backprop", "dni", "cdni")
@@ -38,6 +40,50 @@ def mnist_fcn(hidden_size: int = 256, num_layers: int = 3, batchnorm: bool = Tru
         width = hidden_size
     layers.append(nn.Linear(width, 10))
     return nn.Sequential(*layers)
+
+
+def fcn_blocks(hidden_size: int = 256, num_layers: int = 3) -> list[nn.Module]:
+    """The MLP as pipeline blocks: Flatten+Linear+BN+ReLU, (Linear+BN+ReLU) x (num_layers-1), Linear."""
+    model = mnist_fcn(hidden_size, num_layers)
+    layers = list(model.children())
+    blocks: list[nn.Module] = [nn.Sequential(*layers[0:4])]
+    blocks += [nn.Sequential(*layers[i:i + 3]) for i in range(4, len(layers) - 1, 3)]
+    blocks.append(layers[-1])
+    return blocks
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, seed: int) -> Iterator[Batch]:
+    """``steps`` minibatches, reshuffled every epoch by a generator of its own."""
+    gen = torch.Generator().manual_seed(seed)
+    done = 0
+    while True:
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            if done == steps:
+                return
+            idx = order[i:i + batch_size]
+            yield x[idx], y[idx]
+            done += 1
+
+
+def pipeline_task(config: PipelineConfig) -> PipelineTask:
+    """``mnist-fcn`` for the multi-process runtime (blocks built from ``config.seed``)."""
+    torch.manual_seed(config.seed)
+    blocks = fcn_blocks(config.hidden_size, config.num_layers)
+
+    def data() -> tuple[Iterator[Batch], int, list[Batch], str]:
+        x_train, y_train = load_mnist(config.data_dir, "train")
+        x_test, y_test = load_mnist(config.data_dir, "test")
+        per_epoch = len(x_train) // config.batch_size
+        steps = config.steps if config.steps is not None else max(1, int(config.epochs * per_epoch))
+        evals = [(x_test[i:i + 1000], y_test[i:i + 1000]) for i in range(0, len(x_test), 1000)]
+        return _batches(x_train, y_train, config.batch_size, steps, config.seed), steps, evals, "mnist"
+
+    return PipelineTask(name="mnist-fcn", blocks=blocks, loss_fn=F.cross_entropy, input_shape=(1, 28, 28),
+                        num_classes=10, data=data)
 
 
 @torch.no_grad()

@@ -1,0 +1,168 @@
+"""Typed configuration of a pipeline run, validated on construction, and its command line."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+__all__ = ["MODES", "SG_KINDS", "PipelineConfig", "add_arguments", "config_from_args"]
+
+MODES = ("dni", "cdni", "backprop")
+SG_KINDS = ("linear", "mlp", "linear-bn", "linear-sigmoid")
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """Everything a multi-process run needs; the CLI only overrides these fields."""
+
+    stages: int = 4
+    """Number of stages, one process each."""
+    mode: str = "dni"
+    """``dni`` (synthetic gradients), ``cdni`` (labels as SG context) or ``backprop`` (locked baseline)."""
+    task: str = "mnist-fcn"
+    """Task to train (see ``tasks``)."""
+    steps: int | None = None
+    """Training steps; overrides ``epochs``."""
+    epochs: float = 1.0
+    """Passes over the training set when ``steps`` is not given."""
+    batch_size: int = 128
+    """Minibatch size."""
+    lr: float = 3e-4
+    """Adam learning rate of the stage blocks."""
+    sg: str = "linear"
+    """SG kind: ``linear`` (W x W), ``mlp`` (one hidden ReLU layer), ``linear-bn``, ``linear-sigmoid``."""
+    sg_hidden: int = 256
+    """Hidden width of the ``mlp`` and ``linear-bn`` SGs."""
+    sg_lr: float = 3e-3
+    """Adam learning rate of the SG modules."""
+    hidden_size: int = 256
+    """Width of the task's hidden layers."""
+    num_layers: int = 3
+    """Hidden layers of the task's model."""
+    devices: list[str] | None = None
+    """Device of each stage (``cpu`` or a GPU id); None: GPU ``LOCAL_RANK`` when CUDA is available, else cpu."""
+    threads_per_stage: int = 1
+    """CPU threads of each stage process."""
+    transport: str = "zmq"
+    """Data-plane transport."""
+    run_dir: str = "runs/latest"
+    """Where metrics, summaries and stage files go."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    seed: int = 0
+    """Seed of weights and data order."""
+    data_dir: str | None = None
+    """Data folder; None: ``$DNI_ASYNC_DATA``."""
+    bind: str = "127.0.0.1"
+    """Address the data-plane sockets bind to."""
+    advertise: str | None = None
+    """Address peers use to reach this host; None: ``bind``."""
+    queue_size: int = 8
+    """Bound of each inbound queue, in messages."""
+    stash_size: int = 64
+    """Activations kept for SG training while their gradients are in flight; older ones are dropped and counted."""
+    peer_timeout: float = 60.0
+    """Seconds a peer may leave a send blocked before the run aborts."""
+    log_every: int = 10
+    """Steps between metrics lines."""
+    progress: bool = True
+    """Progress bar on rank 0."""
+    slow_stage: dict[int, float] = field(default_factory=dict)
+    """Testing hook: extra seconds of sleep per step for some stages."""
+    fail_stage: dict[int, float] = field(default_factory=dict)
+    """Testing hook: stage I raises an error at step STEP."""
+    save_grads_step: int | None = None
+    """Testing hook: save each stage's parameter gradients of this step under ``run_dir/grads``."""
+
+    def __post_init__(self) -> None:
+        if self.stages < 1:
+            raise ValueError(f"--stages must be >= 1, got {self.stages}")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        if self.sg not in SG_KINDS:
+            raise ValueError(f"--sg must be one of {SG_KINDS}, got {self.sg!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.epochs <= 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
+        for name in ("batch_size", "sg_hidden", "hidden_size", "num_layers", "queue_size", "stash_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.threads_per_stage < 1:
+            raise ValueError(f"--threads-per-stage must be >= 1, got {self.threads_per_stage}")
+        if self.lr <= 0 or self.sg_lr <= 0:
+            raise ValueError("--lr and --sg-lr must be > 0")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.peer_timeout <= 0:
+            raise ValueError(f"--peer-timeout must be > 0, got {self.peer_timeout}")
+        if self.devices is not None and len(self.devices) != self.stages:
+            raise ValueError(f"--devices names {len(self.devices)} devices for {self.stages} stages")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config, for logs and summary.json."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _stage_values(text: str) -> dict[int, float]:
+    out = {}
+    for item in filter(None, text.split(",")):
+        stage, _, seconds = item.partition(":")
+        out[int(stage)] = float(seconds)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per config field (defaults from ``PipelineConfig``)."""
+    d = PipelineConfig()
+    a = parser.add_argument
+    a("--stages", type=int, default=d.stages, help=f"number of stage processes (default: {d.stages})")
+    a("--mode", choices=MODES, default=d.mode, help=f"training method (default: {d.mode})")
+    a("--task", default=d.task, help=f"task to train (default: {d.task})")
+    a("--steps", type=int, default=None, help="training steps (default: --epochs worth)")
+    a("--epochs", type=float, default=d.epochs, help=f"passes over the training set (default: {d.epochs})")
+    a("--batch-size", type=int, default=d.batch_size, help=f"minibatch size (default: {d.batch_size})")
+    a("--lr", type=float, default=d.lr, help=f"Adam learning rate of the stages (default: {d.lr})")
+    a("--sg", choices=SG_KINDS, default=d.sg, help=f"synthetic-gradient module kind (default: {d.sg})")
+    a("--sg-hidden", type=int, default=d.sg_hidden, help=f"hidden width of mlp/linear-bn SGs (default: {d.sg_hidden})")
+    a("--sg-lr", type=float, default=d.sg_lr, help=f"Adam learning rate of the SGs (default: {d.sg_lr})")
+    a("--hidden-size", type=int, default=d.hidden_size, help=f"hidden layer width (default: {d.hidden_size})")
+    a("--num-layers", type=int, default=d.num_layers, help=f"hidden layers (default: {d.num_layers})")
+    a("--devices", default=None,
+      help="comma list, stage i -> item i: 'cpu' or a GPU id (default: GPU LOCAL_RANK if CUDA, else cpu)")
+    a("--threads-per-stage", type=int, default=d.threads_per_stage,
+      help=f"CPU threads per stage process (default: {d.threads_per_stage})")
+    a("--transport", default=d.transport, help=f"data-plane transport (default: {d.transport})")
+    a("--run-dir", default=d.run_dir, help=f"output folder (default: {d.run_dir})")
+    a("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps; 0 = at the end (default: 0)")
+    a("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    a("--data-dir", default=None, help="data folder (default: $DNI_ASYNC_DATA)")
+    a("--bind", default=d.bind, help=f"address data-plane sockets bind to (default: {d.bind})")
+    a("--advertise", default=None, help="address peers use to reach this host (default: --bind)")
+    a("--queue-size", type=int, default=d.queue_size, help=f"inbound queue bound, messages (default: {d.queue_size})")
+    a("--stash-size", type=int, default=d.stash_size,
+      help=f"activations kept awaiting their gradient (default: {d.stash_size})")
+    a("--peer-timeout", type=float, default=d.peer_timeout,
+      help=f"seconds before a silent peer aborts the run (default: {d.peer_timeout})")
+    a("--log-every", type=int, default=d.log_every, help=f"steps between metrics lines (default: {d.log_every})")
+    a("--no-progress", action="store_true", help="no progress bar")
+    a("--fail-stage", type=_stage_values, default={}, metavar="I:STEP",
+      help="testing hook: stage I raises an error at step STEP")
+    a("--slow-stage", type=_stage_values, default={}, metavar="I:SECONDS[,...]",
+      help="testing hook: sleep this long per step on stage I")
+    a("--save-grads-step", type=int, default=None, metavar="STEP",
+      help="testing hook: save every stage's parameter gradients of STEP to RUN_DIR/grads")
+
+
+def config_from_args(args: argparse.Namespace | Sequence[str]) -> PipelineConfig:
+    """Build the config from parsed flags (or an argv list)."""
+    if not isinstance(args, argparse.Namespace):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        args = parser.parse_args(list(args))
+    values = vars(args).copy()
+    values["progress"] = not values.pop("no_progress")
+    if values["devices"] is not None:
+        values["devices"] = [d.strip() for d in values["devices"].split(",")]
+    return PipelineConfig(**values)

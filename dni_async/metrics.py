@@ -1,0 +1,93 @@
+"""Per-stage counters and the files a run leaves: metrics.jsonl, events, stage files, summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["StageStats", "JsonLines", "write_json_atomic", "rss_mb", "steady_samples_per_s"]
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file, flush, fsync and rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rss_mb() -> float:
+    """Resident memory of this process, MiB (current, from /proc where available)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class JsonLines:
+    """Append-only JSON-lines file shared by all stages: one ``os.write`` per line (O_APPEND keeps lines whole)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(self, obj: dict[str, Any]) -> None:
+        os.write(self._fd, (json.dumps(obj) + "\n").encode())
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass
+class StageStats:
+    """What one stage counts while it trains (the ``per_stage`` entries of summary.json)."""
+
+    stage: int
+    pid: int = field(default_factory=os.getpid)
+    device: str = "cpu"
+    steps: int = 0
+    busy_s: float = 0.0
+    sg_loss_last: float | None = None
+    loss_last: float | None = None
+    max_staleness: int = 0
+    dropped_targets: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    step_times: list[float] = field(default_factory=list)
+
+    def summary(self, transport_stats: Any, wall_s: float) -> dict[str, Any]:
+        stats = asdict(transport_stats)
+        return {
+            "stage": self.stage,
+            "pid": self.pid,
+            "device": self.device,
+            "steps": self.steps,
+            "busy_fraction": round(self.busy_s / wall_s, 4) if wall_s > 0 else 0.0,
+            "sg_loss_last": self.sg_loss_last,
+            "loss_last": self.loss_last,
+            "messages_sent": stats["messages_sent"],
+            "messages_received": stats["messages_received"],
+            "bytes_sent": stats["bytes_sent"],
+            "rejected_messages": stats["rejected"],
+            "max_staleness": self.max_staleness,
+            "dropped_targets": self.dropped_targets,
+        }
+
+
+def steady_samples_per_s(step_times: list[float], batch_size: int, warmup_fraction: float = 0.1) -> float | None:
+    """Throughput from step completion times, excluding the first ``warmup_fraction`` of steps (at least 2)."""
+    if len(step_times) < 4:
+        return None
+    skip = max(2, int(len(step_times) * warmup_fraction))
+    span = step_times[-1] - step_times[skip - 1]
+    return (len(step_times) - skip) * batch_size / span if span > 0 else None

@@ -1,0 +1,187 @@
+"""The Python API of the multi-process runtime: run one stage of a pipeline in this process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .config import PipelineConfig
+from .metrics import JsonLines, steady_samples_per_s, write_json_atomic
+from .partition import check_stage_shapes, partition
+from .runtime import AbortWatchdog, StageEnv, gather_json, init_stage, resolve_device, shutdown
+from .stage import Batch, StageWorker
+from .synthetic import DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
+from .transport import TransportOptions, make_transport
+
+__all__ = ["PipelineTask", "build_sg", "run_pipeline", "setup_logging", "validate"]
+
+log = logging.getLogger("dni_async")
+
+
+@dataclass(kw_only=True)
+class PipelineTask:
+    """What the runtime needs from a task: the model as blocks, a loss, data, and shapes."""
+
+    name: str
+    """Task name, recorded in summary.json."""
+    blocks: list[nn.Module]
+    """The model as a sequence of blocks; the runtime splits them into balanced stages."""
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """``(output, labels) -> mean loss`` on the last stage."""
+    input_shape: tuple[int, ...]
+    """Shape of one input example (checked through the stages before training)."""
+    num_classes: int
+    """Label count (the cDNI context size)."""
+    data: Callable[[], tuple[Iterator[Batch], int, list[Batch], str]]
+    """Called on stage 0 only: ``(train batches, steps, eval batches, dataset name)``."""
+
+
+def build_sg(kind: str, features: int, hidden: int, context_size: int) -> DNINetwork:
+    """The SG module of a stage whose output has ``features`` features."""
+    if kind == "linear":
+        return LinearDNI(features, hidden, features, num_layers=0, context_size=context_size)
+    if kind == "mlp":
+        return LinearDNI(features, hidden, features, num_layers=1, context_size=context_size)
+    if kind == "linear-bn":
+        return LinearBatchNormDNI(features, hidden, features, context_size=context_size)
+    if kind == "linear-sigmoid":
+        return LinearSigmoidDNI(features, hidden, features, context_size=context_size)
+    raise ValueError(f"unknown SG kind {kind!r}")
+
+
+class _StageFormatter(logging.Formatter):
+    def __init__(self, stage: int | str) -> None:
+        super().__init__(f"%(asctime)s [stage {stage}] %(levelname)s %(message)s", "%H:%M:%S")
+
+
+def setup_logging(stage: int | str) -> None:
+    """stdlib logging with the stage in every line (stderr)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_StageFormatter(stage))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def _stage_file(config: PipelineConfig, env: StageEnv, endpoint: str | None, status: str) -> None:
+    write_json_atomic(Path(config.run_dir) / "stages" / f"stage-{env.rank}.json", {
+        "stage": env.rank, "rank": env.rank, "pid": os.getpid(), "host": env.host, "device": str(env.device),
+        "threads": config.threads_per_stage, "transport": config.transport,
+        "endpoints": {"data": endpoint} if endpoint else {}, "status": status,
+    })
+
+
+def validate(task: PipelineTask, config: PipelineConfig) -> list[nn.Sequential]:
+    """Check what can be checked before any process starts; return the stages.
+
+    Raises:
+        ValueError: more stages than blocks, a device that is not there, stage
+            shapes that do not fit together.
+    """
+    for i, device in enumerate(config.devices or []):
+        resolve_device(device, i)
+    stages = partition(task.blocks, config.stages)
+    check_stage_shapes(stages, torch.zeros(2, *task.input_shape))
+    return stages
+
+
+def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] | None:
+    """Run this process's stage of ``task`` (call it in every process torchrun starts).
+
+    Returns:
+        The summary on rank 0, None elsewhere.
+
+    Raises:
+        ValueError: for bad input, before any training.
+        RuntimeError: outside torchrun or with a world size other than ``config.stages``.
+    """
+    stages = validate(task, config)
+    env = init_stage(config.stages, config.devices)
+    setup_logging(env.rank)
+    torch.set_num_threads(config.threads_per_stage)
+    watchdog = AbortWatchdog(env).start()
+    transport = None
+    endpoint = None
+    try:
+        if env.is_main:
+            log.info("config: %s", config.to_dict())
+        block = stages[env.rank].to(env.device)
+        last = env.rank == config.stages - 1
+        sg = None
+        if config.mode != "backprop" and not last:
+            features = check_stage_shapes(stages[:env.rank + 1], torch.zeros(2, *task.input_shape))[-1][-1]
+            context = task.num_classes if config.mode == "cdni" else 0
+            sg = build_sg(config.sg, int(features), config.sg_hidden, context).to(env.device)
+        options = TransportOptions(bind_host=config.bind, advertise_host=config.advertise,
+                                   queue_size=config.queue_size, peer_timeout=config.peer_timeout)
+        transport = make_transport(config.transport, env.rank, config.stages, options)
+        endpoint = transport.bind()
+        env.store.set(f"dni_async/endpoint/{env.rank}", endpoint)
+        endpoints = {r: env.store.get(f"dni_async/endpoint/{r}").decode() for r in range(config.stages)}
+        transport.connect(endpoints)
+        _stage_file(config, env, endpoint, "running")
+        run_dir = Path(config.run_dir)
+        metrics = JsonLines(run_dir / "metrics.jsonl")
+        events = JsonLines(run_dir / "events" / f"stage-{env.rank}.jsonl")
+        worker = StageWorker(env.rank, config.stages, block, transport, config, env.device, task.loss_fn, sg,
+                             task.num_classes, metrics, events)
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        dataset = None
+        if env.is_main:
+            batches, steps, eval_batches, dataset = task.data()
+            bar = tqdm(total=steps, disable=not config.progress, desc=f"{config.mode} x{config.stages}", unit="step")
+
+            def on_step(t: int, latest: dict[str, float]) -> None:
+                bar.update(1)
+                rate = steady_samples_per_s(worker.stats.step_times, config.batch_size, 0.0)
+                post = {"samples/s": f"{rate:.0f}" if rate else "-"}
+                post.update({k: f"{v:.3f}" for k, v in latest.items()})
+                bar.set_postfix(post, refresh=False)
+
+            worker.run_first(batches, steps, eval_batches, on_step)
+            bar.close()
+        else:
+            worker.run_next()
+        wall = time.perf_counter() - start
+        metrics.close()
+        events.close()
+        report = {"per_stage": worker.stats.summary(transport.stats, wall), "final_eval": worker.final_eval,
+                  "samples_per_s": steady_samples_per_s(worker.stats.step_times, config.batch_size),
+                  "dataset": dataset}
+        _stage_file(config, env, endpoint, "done")
+        reports = gather_json(report)
+        watchdog.stop()
+        summary = None
+        if reports is not None:
+            summary = {
+                "mode": config.mode, "task": task.name, "stages": config.stages, "transport": config.transport,
+                "steps": reports[0]["per_stage"]["steps"], "batch_size": config.batch_size,
+                "wall_s": round(wall, 3), "samples_per_s": reports[-1]["samples_per_s"],
+                "final_eval": reports[-1]["final_eval"], "dataset": reports[0]["dataset"],
+                "threads_per_stage": config.threads_per_stage,
+                "per_stage": [r["per_stage"] for r in reports], "config": config.to_dict(),
+            }
+            write_json_atomic(run_dir / "summary.json", summary)
+            log.info("done: %s", {k: summary[k] for k in ("steps", "wall_s", "samples_per_s", "final_eval")})
+        transport.close()
+        shutdown()
+        return summary
+    except BaseException as err:
+        log.error("failed: %s: %s", type(err).__name__, err)
+        watchdog.report(err)
+        try:
+            _stage_file(config, env, endpoint, "failed")
+        finally:
+            if transport is not None:
+                transport.close()
+        raise
+

@@ -1,0 +1,308 @@
+"""The per-process stage loop: ``dni`` / ``cdni`` (update-unlocked by an SG) and locked ``backprop``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PipelineConfig
+from .metrics import JsonLines, StageStats, rss_mb
+from .synthetic import DNINetwork
+from .transport import Message, Transport
+
+__all__ = ["StageWorker", "Batch"]
+
+log = logging.getLogger("dni_async")
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+# [Note: the stage loop]
+#
+# dni / cdni, stage i at step t (DESIGN.md, "The stage loop"):
+#
+#     x_t <- data (i = 0) or act(t) from i-1      h_t <- block(x_t)
+#     send act(t, h_t, y) to i+1                  (not on the last stage)
+#     g <- dLoss/dh_t (last) | SG(h_t, ctx)/B     h_t.backward(g); opt.step()   <- no waiting
+#     send grad(t, x_t.grad) to i-1               stash[t] <- (h_t, ctx)
+#     for every grad(s) already queued: SG loss = mse(SG(stash.pop(s)), B * target)
+#
+# backprop: the same, but a non-last stage blocks on grad(t) from i+1 and uses
+# it in place of the SG before it may start step t+1 (locked backprop).
+#
+# Shutdown: stage 0 sends `stop` after its last step; each stage passes it on;
+# the last stage answers with `stop` backward, and each stage passes that back
+# once it has drained every gradient queued before it (channels keep order), so
+# no gradient is lost. `eval` batches travel forward like activations, in order.
+#
+# Hazard: sends may be zero-copy, so a tensor handed to `send` is never written
+# again: h_t.detach() shares storage with h_t, which nothing modifies in place.
+
+
+class StageWorker:
+    """One stage: its block, optimizer, SG (not on the last stage) and the loop of its mode.
+
+    Args:
+        stage: this stage's index.
+        num_stages: number of stages.
+        block: the stage's module, already on ``device``.
+        transport: connected channels to the neighbours.
+        config: the run's config.
+        device: where the block lives.
+        loss_fn: ``(output, labels) -> loss`` (used by the last stage).
+        sg: this stage's SG module (None on the last stage and in backprop mode).
+        num_classes: size of the one-hot label context in ``cdni``.
+        metrics: the shared metrics.jsonl writer.
+        events: this stage's event log.
+    """
+
+    def __init__(self, stage: int, num_stages: int, block: nn.Module, transport: Transport, config: PipelineConfig,
+                 device: torch.device, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 sg: DNINetwork | None, num_classes: int, metrics: JsonLines, events: JsonLines) -> None:
+        self.stage, self.num_stages = stage, num_stages
+        self.first, self.last = stage == 0, stage == num_stages - 1
+        self.block, self.transport, self.config, self.device = block, transport, config, device
+        self.loss_fn, self.sg, self.num_classes = loss_fn, sg, num_classes
+        self.opt = torch.optim.Adam(block.parameters(), lr=config.lr)
+        self.sg_opt = torch.optim.Adam(sg.parameters(), lr=config.sg_lr) if sg is not None else None
+        self.metrics, self.events = metrics, events
+        self.stats = StageStats(stage=stage, device=str(device))
+        self.stash: OrderedDict[int, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.delay = config.slow_stage.get(stage, 0.0)
+        self.latest: dict[str, float] = {}        # loss / eval accuracy relayed back from the last stage
+        self.final_eval: dict[str, float] | None = None
+        self._eval_correct = self._eval_total = 0
+        self._window: list[int] = []               # staleness values since the last metrics line
+        self._window_start = time.perf_counter()
+        self._event_buffer: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------ entry points
+
+    def run_first(self, batches: Iterator[Batch], steps: int, eval_batches: list[Batch],
+                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        """Stage 0: read the data, train ``steps`` steps, evaluate, stop the pipeline."""
+        for t in range(steps):
+            if self.config.eval_every and t and t % self.config.eval_every == 0:
+                self._send_eval(eval_batches)
+            x, y = next(batches)
+            self._train_step(t, x, y)
+            if on_step is not None:
+                on_step(t, self.latest)
+        self._send_eval(eval_batches)
+        self._finish()
+
+    def run_next(self) -> None:
+        """Stages 1..S-1: follow the forward queue until ``stop``."""
+        while True:
+            msg = self._recv("forward")
+            if msg.kind == "act":
+                x, y = msg.tensors
+                self._train_step(msg.step, x, y)
+            elif msg.kind == "eval":
+                self._eval_step(msg)
+            elif msg.kind == "stop":
+                break
+            else:
+                raise RuntimeError(f"[stage {self.stage}] unexpected {msg.kind!r} message from stage {msg.src}")
+        self._finish()
+
+    # --------------------------------------------------------------- the loop
+
+    def _train_step(self, t: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        start = time.perf_counter()
+        if self.delay:
+            time.sleep(self.delay)
+        if self.config.fail_stage.get(self.stage) == t:
+            raise RuntimeError(f"injected failure at step {t} (--fail-stage)")
+        x, y = x.to(self.device), y.to(self.device)
+        if not self.first:
+            x.requires_grad_(True)
+        self.block.train()
+        h = self.block(x)
+        self._event("forward", t)
+        comm = 0.0
+        if self.last:
+            loss = self.loss_fn(h, y)
+            loss.backward()
+            self.stats.loss_last = self.latest["loss"] = float(loss.detach())
+        else:
+            comm += self._send(self.stage + 1, Message("act", t, self.stage, [h.detach(), y]))
+            ctx = F.one_hot(y, self.num_classes).float() if self.config.mode == "cdni" else None
+            if self.config.mode == "backprop":
+                g = self._wait_grad(t)
+            else:
+                assert self.sg is not None
+                with torch.no_grad():
+                    g = self._sg_forward(h.detach(), ctx) / h.shape[0]
+                self._stash(t, h.detach(), ctx)
+            h.backward(g)
+        self._save_grads(t)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._event("update", t)
+        if not self.first:
+            assert x.grad is not None
+            comm += self._send(self.stage - 1, Message("grad", t, self.stage, [x.grad], dict(self.latest)))
+        self.stats.busy_s += time.perf_counter() - start - comm
+        if self.config.mode != "backprop":
+            self._drain_grads(t)
+        self.stats.steps += 1
+        self.stats.step_times.append(time.perf_counter())
+        if (t + 1) % self.config.log_every == 0:
+            self._log_metrics(t)
+
+    def _sg_forward(self, h: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+        assert self.sg is not None
+        out, _ = self.sg(h, None) if ctx is None else self.sg(h, None, context=ctx)
+        return out
+
+    def _stash(self, t: int, h: torch.Tensor, ctx: torch.Tensor | None) -> None:
+        self.stash[t] = (h, ctx)
+        while len(self.stash) > self.config.stash_size:
+            self.stash.popitem(last=False)
+            self.stats.dropped_targets += 1
+
+    def _drain_grads(self, t: int) -> None:
+        """Train the SG on every gradient that has arrived; never waits."""
+        while (msg := self.transport.recv("backward", timeout=0)) is not None:
+            self._on_backward(msg, t)
+
+    def _on_backward(self, msg: Message, t: int) -> None:
+        if msg.kind != "grad":
+            raise RuntimeError(f"[stage {self.stage}] unexpected {msg.kind!r} from stage {msg.src} while training")
+        self.latest.update(msg.meta)
+        self._event("grad_arrived", msg.step)
+        staleness = t - msg.step
+        self.stats.max_staleness = max(self.stats.max_staleness, staleness)
+        self._window.append(staleness)
+        entry = self.stash.pop(msg.step, None)
+        if entry is None:
+            self.stats.dropped_targets += 1
+            return
+        start = time.perf_counter()
+        h, ctx = entry
+        target = msg.tensors[0].to(self.device)
+        if target.shape != h.shape:
+            raise RuntimeError(f"[stage {self.stage}] gradient for step {msg.step} from stage {msg.src} has shape "
+                               f"{tuple(target.shape)}, the activation has {tuple(h.shape)}")
+        assert self.sg_opt is not None
+        loss = F.mse_loss(self._sg_forward(h, ctx), target * h.shape[0])
+        self.sg_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sg_opt.step()
+        self.stats.sg_loss_last = float(loss.detach())
+        self.stats.busy_s += time.perf_counter() - start
+        self._event("sg_update", msg.step)
+
+    def _wait_grad(self, t: int) -> torch.Tensor:
+        """Locked backprop: block until grad(t) arrives from the next stage."""
+        msg = self._recv("backward")
+        if msg.kind != "grad" or msg.step != t:
+            raise RuntimeError(f"[stage {self.stage}] expected grad for step {t}, got {msg.kind!r} for step "
+                               f"{msg.step} from stage {msg.src}")
+        self.latest.update(msg.meta)
+        self._event("grad_arrived", t)
+        return msg.tensors[0].to(self.device)
+
+    # ------------------------------------------------------------------ eval
+
+    @torch.no_grad()
+    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.block.eval()
+        out = self.block(x.to(self.device))
+        self.block.train()
+        return out
+
+    def _send_eval(self, batches: list[Batch]) -> None:
+        for k, (x, y) in enumerate(batches):
+            msg = Message("eval", k, self.stage, [x, y], {"last": k == len(batches) - 1})
+            self._eval_step(msg)
+
+    def _eval_step(self, msg: Message) -> None:
+        start = time.perf_counter()
+        x, y = msg.tensors
+        h = self._eval_forward(x)
+        if not self.last:
+            self.stats.busy_s += time.perf_counter() - start
+            self._send(self.stage + 1, Message("eval", msg.step, self.stage, [h, y], msg.meta))
+            return
+        self._eval_correct += int((h.argmax(-1).cpu() == y).sum())
+        self._eval_total += len(y)
+        if msg.meta.get("last"):
+            accuracy = self._eval_correct / max(1, self._eval_total)
+            self.final_eval = {"accuracy": accuracy, "examples": self._eval_total}
+            self.latest["eval_accuracy"] = accuracy
+            self.metrics.write({"stage": self.stage, "step": self.stats.steps, "time": time.time(),
+                                "eval_accuracy": accuracy})
+            self._eval_correct = self._eval_total = 0
+        self.stats.busy_s += time.perf_counter() - start
+
+    # ------------------------------------------------------------- shutdown
+
+    def _finish(self) -> None:
+        """Pass `stop` on and drain the gradients still in flight (see [Note: the stage loop])."""
+        if not self.last:
+            self._send(self.stage + 1, Message("stop", self.stats.steps, self.stage))
+            while True:
+                msg = self._recv("backward")
+                if msg.kind == "stop":
+                    break
+                self._on_backward(msg, self.stats.steps)
+        if not self.first:
+            self._send(self.stage - 1, Message("stop", self.stats.steps, self.stage))
+        self._flush_events()
+
+    # -------------------------------------------------------------- helpers
+
+    def _send(self, dst: int, msg: Message) -> float:
+        """Send and return the seconds spent (blocked by backpressure included)."""
+        start = time.perf_counter()
+        self.transport.send(dst, msg)
+        if msg.kind == "act":
+            self._event("act_sent", msg.step)
+        return time.perf_counter() - start
+
+    def _recv(self, direction: str) -> Message:
+        msg = self.transport.recv(direction, timeout=None)
+        assert msg is not None
+        return msg
+
+    def _save_grads(self, t: int) -> None:
+        if self.config.save_grads_step != t:
+            return
+        grads = {n: p.grad.detach().cpu().clone() for n, p in self.block.named_parameters() if p.grad is not None}
+        path = Path(self.config.run_dir) / "grads" / f"stage-{self.stage}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(grads, path)
+
+    def _event(self, name: str, step: int) -> None:
+        self._event_buffer.append({"t": time.time(), "stage": self.stage, "event": name, "step": step})
+
+    def _flush_events(self) -> None:
+        for event in self._event_buffer:
+            self.events.write(event)
+        self._event_buffer.clear()
+
+    def _log_metrics(self, t: int) -> None:
+        now = time.perf_counter()
+        line: dict[str, Any] = {
+            "stage": self.stage, "step": t, "time": time.time(),
+            "samples_per_s": round(self.config.log_every * self.config.batch_size / (now - self._window_start), 2),
+            "queue_depth": {d: self.transport.queue_depth(d) for d in ("forward", "backward")},
+            "rss_mb": round(rss_mb(), 1),
+        }
+        if self.last:
+            line["loss"] = self.stats.loss_last
+        elif self.config.mode != "backprop":
+            line["sg_loss"] = self.stats.sg_loss_last
+            line["staleness"] = max(self._window) if self._window else None
+            line["stash"] = len(self.stash)
+        self.metrics.write(line)
+        self._window.clear()
+        self._window_start = now
+        self._flush_events()

@@ -1,0 +1,149 @@
+"""The multi-process runtime end to end: real torchrun processes, real sockets, real MNIST."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT
+
+from dni_async.partition import partition
+from tasks.mnist import _batches, fcn_blocks
+
+SMALL = ["--hidden-size", "64", "--num-layers", "2", "--no-progress", "--log-every", "5"]
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run launch/pipeline.py under torchrun with a hard timeout; the whole process group dies on expiry."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(ROOT / "launch" / "pipeline.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s\nstderr:\n{err[-5000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nstderr:\n{result.stderr[-6000:]}"
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("mode", ["dni", "cdni", "backprop"])
+def test_end_to_end(tmp_path: Path, mnist_dir: Path, stages: int, mode: str) -> None:
+    run = tmp_path / "run"
+    ok(torchrun(stages, ["--stages", str(stages), "--mode", mode, "--steps", "60", "--data-dir", str(mnist_dir),
+                         "--run-dir", str(run), *SMALL]))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mode"] == mode and summary["stages"] == stages and summary["steps"] == 60
+    assert summary["transport"] == "zmq" and summary["dataset"] == "mnist" and summary["batch_size"] == 128
+    assert summary["final_eval"]["examples"] == 10000 and summary["final_eval"]["accuracy"] > 0.3
+    assert summary["samples_per_s"] > 0 and summary["wall_s"] > 0
+    per_stage = summary["per_stage"]
+    assert [s["stage"] for s in per_stage] == list(range(stages))
+    assert len({s["pid"] for s in per_stage}) == stages, "every stage is its own process"
+    for s in per_stage:
+        assert s["steps"] == 60 and 0 < s["busy_fraction"] <= 1
+    for s in per_stage[:-1]:
+        # 60 activations + 10 eval batches + stop forward
+        assert s["messages_sent"] >= 71 and s["bytes_sent"] > 0
+        if mode != "backprop":
+            assert s["sg_loss_last"] is not None
+    assert per_stage[-1]["loss_last"] is not None
+    for i in range(stages):
+        info = json.loads((run / "stages" / f"stage-{i}.json").read_text())
+        assert info["status"] == "done" and info["stage"] == i and info["transport"] == "zmq"
+        assert "127.0.0.1" in info["endpoints"]["data"]
+    lines = read_lines(run / "metrics.jsonl")
+    assert {line["stage"] for line in lines} == set(range(stages))
+    assert all({"stage", "step", "time"} <= line.keys() for line in lines)
+    assert any("eval_accuracy" in line for line in lines)
+    assert any("loss" in line for line in lines if line["stage"] == stages - 1)
+
+
+def test_backprop_parity_with_one_process(tmp_path: Path, mnist_dir: Path) -> None:
+    run = tmp_path / "run"
+    ok(torchrun(2, ["--stages", "2", "--mode", "backprop", "--steps", "1", "--save-grads-step", "0",
+                    "--data-dir", str(mnist_dir), "--run-dir", str(run), *SMALL]))
+    # the same model (same seed) and the same first batch, in one process
+    torch.manual_seed(0)
+    stages = partition(fcn_blocks(64, 2), 2)
+    from dni_async.data import load_mnist
+
+    x, y = next(_batches(*load_mnist(str(mnist_dir), "train"), 128, 1, 0))
+    F.cross_entropy(stages[1](stages[0](x)), y).backward()
+    for i, stage in enumerate(stages):
+        got = torch.load(run / "grads" / f"stage-{i}.pt", weights_only=True)
+        expected = {n: p.grad for n, p in stage.named_parameters()}
+        assert got.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=f"stage {i} {name}")
+
+
+def test_slow_stage_unlocked_and_bounded(tmp_path: Path, mnist_dir: Path) -> None:
+    """Stage 1 sleeps 30 ms a step: stage 0 keeps updating before any gradient, queues stay bounded."""
+    run = tmp_path / "run"
+    ok(torchrun(2, ["--stages", "2", "--mode", "dni", "--steps", "120", "--slow-stage", "1:0.03",
+                    "--queue-size", "4", "--stash-size", "16", "--data-dir", str(mnist_dir),
+                    "--run-dir", str(run), *SMALL]))
+    events = read_lines(run / "events" / "stage-0.jsonl")
+    first_grad = min(e["t"] for e in events if e["event"] == "grad_arrived")
+    early_updates = sorted(e["step"] for e in events if e["event"] == "update" and e["t"] < first_grad)
+    assert early_updates[:3] == [0, 1, 2], "stage 0 applied updates for steps 0..2 before any gradient arrived"
+    lines = [line for line in read_lines(run / "metrics.jsonl") if line["stage"] == 0 and "queue_depth" in line]
+    assert max(line["queue_depth"]["backward"] for line in lines) <= 4
+    assert max(line["stash"] for line in lines) <= 16
+    rss = [line["rss_mb"] for line in lines]
+    assert rss[-1] - rss[len(rss) // 4] < 50, f"stage 0 memory grew: {rss}"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["per_stage"][0]["max_staleness"] >= 3
+
+
+def test_a_failing_stage_ends_the_run(tmp_path: Path, mnist_dir: Path) -> None:
+    start = time.monotonic()
+    result = torchrun(3, ["--stages", "3", "--steps", "200", "--fail-stage", "1:5", "--data-dir", str(mnist_dir),
+                          "--run-dir", str(tmp_path / "run"), *SMALL], timeout=90)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "injected failure at step 5" in result.stderr
+    assert "stage 1 failed" in result.stderr or "[stage 1]" in result.stderr
+    assert json.loads((tmp_path / "run" / "stages" / "stage-1.json").read_text())["status"] == "failed"
+
+
+def test_world_size_must_match_stages(tmp_path: Path, mnist_dir: Path) -> None:
+    result = torchrun(1, ["--stages", "2", "--data-dir", str(mnist_dir), "--run-dir", str(tmp_path), *SMALL], 60)
+    assert result.returncode != 0
+    assert "--nproc-per-node 2" in result.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stages", "5"], "more than the model's 3 layers"),
+    (["--threads-per-stage", "0"], "--threads-per-stage must be >= 1"),
+    (["--devices", "cpu,gpu9"], "unknown device 'gpu9'"),
+    (["--devices", "cpu"], "names 1 devices for 2 stages"),
+])
+def test_bad_input_refused_before_training(tmp_path: Path, args: list[str], message: str) -> None:
+    cmd = [sys.executable, str(ROOT / "launch" / "pipeline.py"), "--stages", "2", *SMALL,
+           "--run-dir", str(tmp_path), *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "summary.json").exists()
