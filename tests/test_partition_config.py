@@ -1,0 +1,89 @@
+"""Pure logic of the runtime, no processes: balanced partition, shape checks, config, metrics helpers."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from dni_async.config import PipelineConfig, config_from_args
+from dni_async.metrics import steady_samples_per_s
+from dni_async.partition import balanced_split, check_stage_shapes, partition
+from dni_async.pipeline import build_sg
+
+
+def brute_force(costs: list[int], parts: int) -> int:
+    best = None
+    for cuts in itertools.combinations(range(1, len(costs)), parts - 1):
+        bounds = [0, *cuts, len(costs)]
+        worst = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        best = worst if best is None else min(best, worst)
+    assert best is not None
+    return best
+
+
+def test_balanced_split_is_optimal() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 8)
+        costs = [rng.randint(1, 100) for _ in range(n)]
+        parts = rng.randint(1, n)
+        starts = balanced_split(costs, parts)
+        assert starts[0] == 0 and len(starts) == parts and starts == sorted(set(starts))
+        bounds = [*starts, n]
+        assert max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])) == brute_force(costs, parts)
+
+
+def test_partition_balances_parameters_and_refuses_too_many_stages() -> None:
+    blocks = [nn.Linear(784, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 10)]
+    stages = partition(nn.Sequential(*blocks), 2)
+    assert [len(s) for s in stages] == [2, 2]
+    with pytest.raises(ValueError, match="--stages 5 is more than the model's 4 layers"):
+        partition(blocks, 5)
+
+
+def test_shape_mismatch_names_both_stages_and_shapes() -> None:
+    stages = [nn.Sequential(nn.Flatten(), nn.Linear(784, 256)), nn.Sequential(nn.Linear(128, 10))]
+    with pytest.raises(ValueError, match=r"stage 0 outputs shape \(2, 256\) but stage 1 expects \(\*, 128\)"):
+        check_stage_shapes(stages, torch.zeros(2, 1, 28, 28))
+    good = [nn.Sequential(nn.Flatten(), nn.Linear(784, 256)), nn.Linear(256, 10)]
+    assert [tuple(s) for s in check_stage_shapes(good, torch.zeros(2, 1, 28, 28))] == [(2, 256), (2, 10)]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("stages", 0, "--stages must be >= 1"),
+    ("mode", "async", "--mode must be one of"),
+    ("threads_per_stage", 0, "--threads-per-stage must be >= 1"),
+    ("batch_size", 0, "--batch-size must be >= 1"),
+    ("sg", "transformer", "--sg must be one of"),
+    ("peer_timeout", 0, "--peer-timeout must be > 0"),
+])
+def test_config_validation(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PipelineConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_config_from_argv() -> None:
+    config = config_from_args(["--stages", "3", "--devices", "cpu, cpu,cpu", "--slow-stage", "1:0.5",
+                               "--no-progress", "--mode", "cdni"])
+    assert config.devices == ["cpu", "cpu", "cpu"] and config.slow_stage == {1: 0.5}
+    assert config.progress is False and config.mode == "cdni"
+    with pytest.raises(ValueError, match="names 2 devices for 3 stages"):
+        config_from_args(["--stages", "3", "--devices", "cpu,cpu"])
+
+
+def test_steady_throughput_skips_warmup() -> None:
+    times = [0.0, 5.0] + [5.0 + k for k in range(1, 19)]  # a slow first step, then 1 step/s
+    assert steady_samples_per_s(times, batch_size=10) == pytest.approx(10.0)
+    assert steady_samples_per_s(times[:3], batch_size=10) is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "linear-bn", "linear-sigmoid"])
+def test_build_sg_kinds(kind: str) -> None:
+    sg = build_sg(kind, 16, 8, context_size=3)
+    h = torch.randn(4, 16)
+    out, _ = sg(h, None, context=torch.eye(3)[[0, 1, 2, 0]])
+    assert out.shape == h.shape and torch.count_nonzero(out) == 0
