@@ -21,7 +21,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert commands[1] in ci_lines
 
 
-def test_main_job_module_exists() -> None:
+def test_main_job_is_the_4_stage_pipeline() -> None:
     main = readme_commands()[0]
-    module = re.search(r"python -m ([\w.]+)", main)
-    assert module and (ROOT / (module.group(1).replace(".", "/") + ".py")).is_file(), main
+    assert "--nproc-per-node 4 launch/pipeline.py --stages 4" in main, main
+    assert (ROOT / "launch" / "pipeline.py").is_file()

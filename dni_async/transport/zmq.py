@@ -1,0 +1,409 @@
+"""The default transport: zmq PUSH/PULL over tcp, one I/O thread draining into bounded per-direction queues."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import zmq
+
+from .. import protocol
+from .base import DIRECTIONS, Aborted, Message, PeerLost, Transport, TransportOptions
+
+__all__ = ["ZmqTransport", "format_endpoint", "parse_endpoint"]
+
+logger = logging.getLogger("dni_async.transport")
+
+# [Note: sockets, threads and backpressure]
+#
+#   stage i-1                      stage i                          stage i+1
+#   PUSH next ──act/eval/stop──> PULL forward  ─┐
+#   PULL backward <──grad/stop── PUSH prev      ├─ I/O thread ─> queue["forward"], queue["backward"]
+#                                PULL backward ─┘ <──grad/stop── PUSH prev      (bounded: queue_size)
+#                                PUSH next ──act/eval/stop─────> PULL forward
+#
+# zmq sockets are not thread-safe, so each has one owner: the PUSH sockets are
+# used only by the caller's thread (send), the PULL sockets only by the I/O
+# thread (created and bound by bind() before the thread starts, closed by
+# close() after it has been joined: both are the full memory barriers zmq asks
+# for when a socket changes threads).
+#
+# The I/O thread polls only the PULL sockets whose queue has room. A full
+# queue therefore leaves its socket unread: zmq's buffers fill up to the
+# high-water marks (RCVHWM here, SNDHWM at the sender, plus the kernel's tcp
+# buffers) and the sender's send() blocks, then raises PeerLost after
+# peer_timeout. The other direction keeps being drained, which is what keeps a
+# stage blocked on sending activations able to receive gradients: no deadlock.
+# recv() pokes the I/O thread through a pipe when it frees a slot in a paused
+# queue, so a paused socket resumes at once instead of on the next poll tick.
+#
+# [Note: zero-copy sends]
+# send_multipart(copy=False) hands zmq memoryviews of the tensors' own memory
+# (protocol.encode); the zmq.Frame keeps the buffer (and so the tensor) alive
+# until zmq's I/O thread has written it out, which may be after send() has
+# returned. Lifetime is therefore safe, but a tensor modified in place after
+# send() may go out modified. Callers must not mutate sent tensors (fresh
+# activations and input gradients are never mutated by the stage loop).
+# Frames under zmq.COPY_THRESHOLD (64 KiB) are copied by pyzmq anyway.
+
+_SCHEME = "zmq"
+_POLL_MS = 100  # I/O thread's poll tick: only bounds how fast it notices close()
+_WAIT_SLICE_S = 0.1  # recv/send wait in slices this long to notice an abort or a dead I/O thread
+_ABORT_TIMEOUT_S = 1.0  # how long a best-effort abort send may block
+_CLOSE_LINGER_MS = 1000  # how long close() lets sent messages (a final stop or abort) leave, then drops them
+_DRAIN_BATCH = 64  # messages taken from one socket before looking at the other (fairness)
+_LOG_FIRST, _LOG_EVERY_S = 10, 10.0  # rejections: log the first ten, then one line per ten seconds
+# which kinds travel in each direction (base.py: act/eval/stop forward, grad/stop backward, abort both)
+_DIRECTION_KINDS = {"forward": ("act", "eval", "stop", "abort"), "backward": ("grad", "stop", "abort")}
+
+
+def _host_in_url(host: str) -> str:
+    """Bracket an IPv6 literal for a zmq tcp URL."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def format_endpoint(forward: str, backward: str) -> str:
+    """Endpoint string of a stage: ``zmq;forward=tcp://HOST:PORT;backward=tcp://HOST:PORT``."""
+    return f"{_SCHEME};forward={forward};backward={backward}"
+
+
+def parse_endpoint(endpoint: str) -> dict[str, str]:
+    """Inverse of `format_endpoint`: ``{"forward": url, "backward": url}``.
+
+    Raises:
+        ValueError: if ``endpoint`` is not a zmq endpoint string.
+    """
+    scheme, *parts = endpoint.split(";")
+    urls = dict(part.split("=", 1) for part in parts if "=" in part)
+    if scheme != _SCHEME or set(urls) != set(DIRECTIONS) or len(parts) != 2:
+        raise ValueError(f"not a zmq endpoint: {endpoint!r}; expected 'zmq;forward=tcp://H:P;backward=tcp://H:P'")
+    return urls
+
+
+@dataclass(eq=False)
+class _Inbound:
+    """One inbound direction: its PULL socket, its bounded queue and the only stage allowed to send on it."""
+
+    direction: str
+    peer: int
+    socket: zmq.Socket[Any]
+    queue: queue.Queue[Message]
+    paused: bool = False
+    registered: bool = False
+
+
+class _RejectLog:
+    """Logs rejected frames: the first few in full, then one line per interval with a count."""
+
+    def __init__(self, stage: int) -> None:
+        self.stage = stage
+        self.count = 0
+        self.suppressed = 0
+        self.last = 0.0
+
+    def __call__(self, direction: str, reason: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.count <= _LOG_FIRST or now - self.last >= _LOG_EVERY_S:
+            more = f" ({self.suppressed} more rejected since the last report)" if self.suppressed else ""
+            logger.warning("[Stage %d] dropped a malformed %s message: %s%s", self.stage, direction, reason, more)
+            self.last, self.suppressed = now, 0
+        else:
+            self.suppressed += 1
+
+
+class ZmqTransport(Transport):
+    """zmq PUSH/PULL channels to the two neighbours, drained by one I/O thread.
+
+    Args:
+        stage: this stage's index.
+        num_stages: number of stages.
+        options: shared settings; ``queue_size`` bounds each inbound queue and is
+            every socket's high-water mark.
+    """
+
+    def __init__(self, stage: int, num_stages: int, options: TransportOptions) -> None:
+        super().__init__(stage, num_stages, options)
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._inbound: dict[str, _Inbound] = {}
+        self._outbound: dict[int, zmq.Socket[Any]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._abort: tuple[int, str] | None = None
+        self._io_error: BaseException | None = None
+        self._closed = False
+        self._log_reject = _RejectLog(stage)
+
+    def _socket(self, kind: int, url_host: str) -> zmq.Socket[Any]:
+        """A socket with this transport's high-water marks."""
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.SNDHWM, self.options.queue_size)
+        sock.setsockopt(zmq.RCVHWM, self.options.queue_size)
+        sock.setsockopt(zmq.LINGER, 0)
+        if url_host.startswith("["):
+            sock.setsockopt(zmq.IPV6, 1)
+        return sock
+
+    def bind(self) -> str:
+        """Bind both PULL sockets to random free ports and start the I/O thread.
+
+        Returns:
+            ``zmq;forward=tcp://HOST:PORT;backward=tcp://HOST:PORT``, HOST being
+            ``advertise_host`` or ``bind_host`` (the host name for a wildcard bind).
+
+        Raises:
+            RuntimeError: if already bound or closed.
+        """
+        if self._closed or self._inbound:
+            raise RuntimeError(f"stage {self.stage}: bind() called twice or after close()")
+        bind_host = _host_in_url(self.options.bind_host)
+        advertise = self.options.advertise_host or self.options.bind_host
+        if advertise in ("0.0.0.0", "*", "::"):
+            advertise = socket.gethostname()
+            logger.info("[Stage %d] wildcard bind; advertising host name %r", self.stage, advertise)
+        peers = {"forward": self.stage - 1, "backward": self.stage + 1}
+        urls = {}
+        for direction in DIRECTIONS:
+            sock = self._socket(zmq.PULL, bind_host)
+            # refuse a frame larger than any valid one before zmq buffers it whole
+            sock.setsockopt(zmq.MAXMSGSIZE, self.options.max_message_bytes + protocol.MAX_HEADER_BYTES)
+            self._inbound[direction] = _Inbound(direction, peers[direction], sock, queue.Queue(self.options.queue_size))
+            sock.bind(f"tcp://{bind_host}:*")
+            port = sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
+            urls[direction] = f"tcp://{_host_in_url(advertise)}:{port}"
+        self._thread = threading.Thread(target=self._io_main, name=f"dni-zmq-io-{self.stage}", daemon=True)
+        self._thread.start()
+        return format_endpoint(urls["forward"], urls["backward"])
+
+    def connect(self, endpoints: Mapping[int, str]) -> None:
+        """Connect a PUSH socket to each neighbour's matching PULL socket.
+
+        Args:
+            endpoints: every stage's endpoint (at least the neighbours'), as returned by their ``bind``.
+
+        Raises:
+            ValueError: if a neighbour's endpoint is missing or malformed.
+        """
+        if self._outbound or self._closed:
+            raise RuntimeError(f"stage {self.stage}: connect() called twice or after close()")
+        # stage i's "next" PUSH feeds stage i+1's forward PULL; its "prev" PUSH stage i-1's backward PULL
+        targets = {self.stage + 1: "forward", self.stage - 1: "backward"}
+        for peer, direction in targets.items():
+            if not 0 <= peer < self.num_stages:
+                continue
+            if peer not in endpoints:
+                raise ValueError(f"stage {self.stage}: no endpoint for neighbour stage {peer}")
+            url = parse_endpoint(endpoints[peer])[direction]
+            sock = self._socket(zmq.PUSH, url.split("//", 1)[-1])
+            # IMMEDIATE: queue nothing for a peer that is not (or no longer) connected,
+            # so that sending to a dead peer blocks and times out instead of piling up.
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.connect(url)
+            self._outbound[peer] = sock
+
+    def send(self, dst: int, msg: Message) -> None:
+        """Send ``msg`` to neighbour ``dst``, zero-copy; see `Transport.send`.
+
+        Blocks while the peer is full, up to ``options.peer_timeout`` seconds. An
+        ``abort`` is best effort: it waits at most about a second and never raises
+        PeerLost. The tensors must not be modified in place afterwards.
+
+        Raises:
+            PeerLost: if the peer took nothing for ``options.peer_timeout`` seconds.
+            Aborted: if an abort arrives while this send is blocked on a full peer.
+            ValueError: if ``dst`` is not a neighbour, ``msg.src`` is not this stage, the kind
+                does not travel that way (grad goes to stage - 1, act/eval to stage + 1), or
+                the message cannot be encoded (`protocol.ProtocolError`).
+            RuntimeError: before ``connect`` or after ``close``.
+        """
+        if abs(dst - self.stage) != 1 or not 0 <= dst < self.num_stages:
+            raise ValueError(f"stage {self.stage} can only send to its neighbours, not to stage {dst}")
+        if msg.src != self.stage:
+            raise ValueError(f"stage {self.stage} sends a message with src={msg.src}")
+        if msg.kind not in _DIRECTION_KINDS["forward" if dst > self.stage else "backward"]:
+            raise ValueError(f"stage {self.stage} cannot send a {msg.kind!r} message to stage {dst}")
+        if self._closed or dst not in self._outbound:
+            raise RuntimeError(f"stage {self.stage}: send() before connect() or after close()")
+        frames = protocol.encode(msg)
+        best_effort = msg.kind == "abort"
+        timeout = min(_ABORT_TIMEOUT_S, self.options.peer_timeout) if best_effort else self.options.peer_timeout
+        sock = self._outbound[dst]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if best_effort:
+                    logger.warning("[Stage %d] could not deliver abort to stage %d", self.stage, dst)
+                    return
+                raise PeerLost(dst, f"it took no message for {timeout:g} s ({msg.kind}, step {msg.step}): "
+                                    "its queue stayed full or it is gone")
+            if self._abort is not None and not best_effort:
+                raise Aborted(*self._abort)
+            sock.poll(int(min(remaining, _WAIT_SLICE_S) * 1000) + 1, zmq.POLLOUT)
+        self.stats.messages_sent += 1
+        self.stats.bytes_sent += sum(protocol.frame_nbytes(f) for f in frames)
+
+    def _inbound_for(self, direction: str) -> _Inbound:
+        """The inbound state of one direction, or ValueError."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        if direction not in self._inbound:
+            raise RuntimeError(f"stage {self.stage}: recv() before bind()")
+        return self._inbound[direction]
+
+    def _raise_if_failed(self) -> None:
+        """Raise Aborted if an abort arrived, the I/O thread's error if it died, RuntimeError if closed."""
+        if self._abort is not None:
+            raise Aborted(*self._abort)
+        if self._io_error is not None:
+            raise RuntimeError(f"stage {self.stage}: transport I/O thread died: {self._io_error!r}") from self._io_error
+        if self._closed:
+            raise RuntimeError(f"stage {self.stage}: transport is closed")
+
+    def recv(self, direction: str, timeout: float | None = None) -> Message | None:
+        """Next message from one direction; see `Transport.recv`.
+
+        Waits in short slices so that an abort, or the death of the I/O thread,
+        is noticed even by an unbounded wait.
+
+        Raises:
+            Aborted: once an ``abort`` message has arrived (from either neighbour), on every call.
+            RuntimeError: after ``close()``, or if the I/O thread died (chained to its error).
+            ValueError: for an unknown direction.
+        """
+        inbound = self._inbound_for(direction)
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            self._raise_if_failed()
+            remaining = _WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    msg = inbound.queue.get_nowait()
+                else:
+                    msg = inbound.queue.get(timeout=min(remaining, _WAIT_SLICE_S))
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue
+            if inbound.paused:
+                self._wake()
+            return msg
+
+    def queue_depth(self, direction: str) -> int:
+        """Messages waiting in one direction's queue."""
+        return self._inbound_for(direction).queue.qsize()
+
+    def _wake(self) -> None:
+        """Poke the I/O thread (a byte on the wake pipe); never blocks."""
+        if self._wake_w < 0:
+            return  # closed
+        with contextlib.suppress(OSError):  # a full pipe means a wake-up is pending anyway
+            os.write(self._wake_w, b"\0")
+
+    def _io_main(self) -> None:
+        """I/O thread body: record an unexpected error for recv() to raise."""
+        try:
+            self._io_loop()
+        except BaseException as err:  # handed over to the caller's thread by recv(), never swallowed
+            logger.exception("[Stage %d] transport I/O thread died", self.stage)
+            self._io_error = err
+
+    def _io_loop(self) -> None:
+        """Poll the PULL sockets whose queues have room; drain them into the queues."""
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        inbound = list(self._inbound.values())
+        while not self._stop.is_set():
+            for inb in inbound:
+                # paused is set before the queue is re-checked, and recv() frees a slot
+                # before it reads paused: one of the two always sees the other (no lost wake-up).
+                has_room = not inb.queue.full()
+                if not has_room:
+                    inb.paused = True
+                    has_room = not inb.queue.full()
+                inb.paused = not has_room
+                if has_room != inb.registered:
+                    if has_room:
+                        poller.register(inb.socket, zmq.POLLIN)
+                    else:
+                        poller.unregister(inb.socket)
+                    inb.registered = has_room
+            events = dict(poller.poll(_POLL_MS))
+            if self._wake_r in events:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)  # if more is left, the next poll returns at once
+            for inb in inbound:
+                if inb.registered and inb.socket in events:
+                    self._drain(inb)
+
+    def _drain(self, inb: _Inbound) -> None:
+        """Move messages from one socket to its queue while the queue has room."""
+        for _ in range(_DRAIN_BATCH):
+            if inb.queue.full():
+                return
+            try:
+                frames = inb.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._accept(inb, frames)
+
+    def _accept(self, inb: _Inbound, frames: list[Any]) -> None:
+        """Decode and validate one message; queue it, record an abort, or drop it with a logged reason."""
+        try:
+            msg = protocol.decode(frames, self.options.max_message_bytes)
+        except protocol.ProtocolError as err:
+            self.stats.rejected += 1
+            self._log_reject(inb.direction, str(err))
+            return
+        if msg.src != inb.peer or msg.kind not in _DIRECTION_KINDS[inb.direction]:
+            self.stats.rejected += 1
+            self._log_reject(inb.direction, f"{msg.kind} from src={msg.src} on the channel of stage {inb.peer}")
+            return
+        self.stats.messages_received += 1
+        self.stats.bytes_received += sum(protocol.frame_nbytes(f) for f in frames)
+        if msg.kind == "abort":
+            if self._abort is None:
+                self._abort = (msg.src, str(msg.meta.get("reason", "no reason given")))
+            return
+        inb.queue.put_nowait(msg)  # only this thread puts, and it checked for room
+
+    def close(self) -> None:
+        """Stop the I/O thread and close every socket; idempotent.
+
+        Messages already handed to zmq get up to one second to leave (so that a
+        final ``stop`` or ``abort`` is not lost), then are discarded. Call it from
+        the thread that sends and receives, not while another thread is in recv().
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+            if self._thread.is_alive():
+                logger.error("[Stage %d] transport I/O thread did not stop", self.stage)
+                return  # leave its sockets, pipe and context alone rather than pull them from under it
+        for sock in self._outbound.values():
+            sock.close(linger=_CLOSE_LINGER_MS)
+        for inb in self._inbound.values():
+            inb.socket.close(linger=0)
+        self._ctx.term()
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            os.close(fd)
