@@ -60,6 +60,8 @@ class PipelineConfig:
     """Address peers use to reach this host; None: ``bind``."""
     queue_size: int = 8
     """Bound of each inbound queue, in messages."""
+    max_in_flight: int = 16
+    """DNI: steps a stage may run ahead of the gradients it has received; at the bound it waits (0: none)."""
     stash_size: int = 64
     """Activations kept for SG training while their gradients are in flight; older ones are dropped and counted."""
     peer_timeout: float = 60.0
@@ -93,6 +95,8 @@ class PipelineConfig:
             raise ValueError(f"--threads-per-stage must be >= 1, got {self.threads_per_stage}")
         if self.lr <= 0 or self.sg_lr <= 0:
             raise ValueError("--lr and --sg-lr must be > 0")
+        if self.max_in_flight < 0:
+            raise ValueError(f"--max-in-flight must be >= 0, got {self.max_in_flight}")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
         if self.peer_timeout <= 0:
@@ -141,6 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bind", default=d.bind, help=f"address data-plane sockets bind to (default: {d.bind})")
     a("--advertise", default=None, help="address peers use to reach this host (default: --bind)")
     a("--queue-size", type=int, default=d.queue_size, help=f"inbound queue bound, messages (default: {d.queue_size})")
+    a("--max-in-flight", type=int, default=d.max_in_flight,
+      help=f"dni/cdni: steps a stage may run ahead of its gradients; 0 = no bound (default: {d.max_in_flight})")
     a("--stash-size", type=int, default=d.stash_size,
       help=f"activations kept awaiting their gradient (default: {d.stash_size})")
     a("--peer-timeout", type=float, default=d.peer_timeout,

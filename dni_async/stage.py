@@ -122,10 +122,10 @@ class StageWorker:
         x, y = x.to(self.device), y.to(self.device)
         if not self.first:
             x.requires_grad_(True)
+        comm = self._wait_for_window(t)
         self.block.train()
         h = self.block(x)
         self._event("forward", t)
-        comm = 0.0
         if self.last:
             loss = self.loss_fn(h, y)
             loss.backward()
@@ -134,7 +134,9 @@ class StageWorker:
             comm += self._send(self.stage + 1, Message("act", t, self.stage, [h.detach(), y]))
             ctx = F.one_hot(y, self.num_classes).float() if self.config.mode == "cdni" else None
             if self.config.mode == "backprop":
+                waited = time.perf_counter()
                 g = self._wait_grad(t)
+                comm += time.perf_counter() - waited
             else:
                 assert self.sg is not None
                 with torch.no_grad():
@@ -148,13 +150,29 @@ class StageWorker:
         if not self.first:
             assert x.grad is not None
             comm += self._send(self.stage - 1, Message("grad", t, self.stage, [x.grad], dict(self.latest)))
-        self.stats.busy_s += time.perf_counter() - start - comm
+        self.stats.busy_s += time.perf_counter() - start - comm  # time blocked on peers is not busy
         if self.config.mode != "backprop":
             self._drain_grads(t)
         self.stats.steps += 1
         self.stats.step_times.append(time.perf_counter())
         if (t + 1) % self.config.log_every == 0:
             self._log_metrics(t)
+
+    def _wait_for_window(self, t: int) -> float:
+        """DNI: block while ``max_in_flight`` steps await their gradients; return the seconds waited.
+
+        Socket and kernel buffers let a fast stage run far ahead of its
+        gradients; the lag (staleness) this bounds is what destabilised 4-stage
+        runs without it (see the README).
+        """
+        limit = self.config.max_in_flight
+        if not limit or self.last or self.config.mode == "backprop" or len(self.stash) < limit:
+            return 0.0
+        start = time.perf_counter()
+        self._event("window_wait", t)
+        while len(self.stash) >= limit:
+            self._on_backward(self._recv("backward"), t)
+        return time.perf_counter() - start
 
     def _sg_forward(self, h: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
         assert self.sg is not None
@@ -260,9 +278,18 @@ class StageWorker:
     # -------------------------------------------------------------- helpers
 
     def _send(self, dst: int, msg: Message) -> float:
-        """Send and return the seconds spent (blocked by backpressure included)."""
+        """Send and return the seconds spent (blocked by backpressure included).
+
+        Blocked sending forward, a DNI stage keeps training its SG on the
+        gradients that come back: the next stage may itself be blocked sending
+        them, and only this keeps the two from waiting on each other forever.
+        (In backprop no gradient can be in flight while a forward send waits.)
+        """
         start = time.perf_counter()
-        self.transport.send(dst, msg)
+        unblock = None
+        if dst > self.stage and self.config.mode != "backprop":
+            unblock = lambda: self._drain_grads(self.stats.steps)  # noqa: E731
+        self.transport.send(dst, msg, unblock)
         if msg.kind == "act":
             self._event("act_sent", msg.step)
         return time.perf_counter() - start

@@ -183,3 +183,4 @@ def test_a_killed_stage_ends_the_run(tmp_path: Path, mnist_dir: Path) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -126,11 +126,15 @@ class Transport(abc.ABC):
         """Connect to the neighbours, given every stage's endpoint."""
 
     @abc.abstractmethod
-    def send(self, dst: int, msg: Message) -> None:
+    def send(self, dst: int, msg: Message, while_blocked: Callable[[], None] | None = None) -> None:
         """Send ``msg`` to neighbour ``dst``.
 
         Blocks while the peer's inbound queue is full (backpressure). The
         tensors must not be modified afterwards (sends may be zero-copy).
+        ``while_blocked`` is called every ~0.1 s while the send waits: a stage
+        blocked sending forward uses it to consume the gradients coming back,
+        without which two stages whose queues toward each other are both full
+        would wait on each other forever.
 
         Raises:
             PeerLost: if the peer took nothing for ``options.peer_timeout`` seconds.

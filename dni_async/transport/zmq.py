@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import zmq
 
@@ -37,7 +37,7 @@ logger = logging.getLogger("dni_async.transport")
 #
 # The I/O thread polls only the PULL sockets whose queue has room. A full
 # queue therefore leaves its socket unread: zmq's buffers fill up to the
-# high-water marks (RCVHWM here, SNDHWM at the sender, plus the kernel's tcp
+# high-water marks (RCVHWM here, SNDHWM at the sender, 1 message each, plus the kernel's tcp
 # buffers) and the sender's send() blocks, then raises PeerLost after
 # peer_timeout. The other direction keeps being drained, which is what keeps a
 # stage blocked on sending activations able to receive gradients: no deadlock.
@@ -147,8 +147,11 @@ class ZmqTransport(Transport):
     def _socket(self, kind: int, url_host: str) -> zmq.Socket[Any]:
         """A socket with this transport's high-water marks."""
         sock = self._ctx.socket(kind)
-        sock.setsockopt(zmq.SNDHWM, self.options.queue_size)
-        sock.setsockopt(zmq.RCVHWM, self.options.queue_size)
+        # The in-process queue is the bound that matters; zmq's own buffers hold
+        # one message each way, so that they add little to the lag between
+        # stages (staleness) on top of ``queue_size``.
+        sock.setsockopt(zmq.SNDHWM, 1)
+        sock.setsockopt(zmq.RCVHWM, 1)
         sock.setsockopt(zmq.LINGER, 0)
         if url_host.startswith("["):
             sock.setsockopt(zmq.IPV6, 1)
@@ -211,7 +214,7 @@ class ZmqTransport(Transport):
             sock.connect(url)
             self._outbound[peer] = sock
 
-    def send(self, dst: int, msg: Message) -> None:
+    def send(self, dst: int, msg: Message, while_blocked: Callable[[], None] | None = None) -> None:
         """Send ``msg`` to neighbour ``dst``, zero-copy; see `Transport.send`.
 
         Blocks while the peer is full, up to ``options.peer_timeout`` seconds. An
@@ -254,6 +257,8 @@ class ZmqTransport(Transport):
                                     "its queue stayed full or it is gone")
             if self._abort is not None and not best_effort:
                 raise Aborted(*self._abort)
+            if while_blocked is not None:
+                while_blocked()
             sock.poll(int(min(remaining, _WAIT_SLICE_S) * 1000) + 1, zmq.POLLOUT)
         self.stats.messages_sent += 1
         self.stats.bytes_sent += sum(protocol.frame_nbytes(f) for f in frames)

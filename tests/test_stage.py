@@ -1,0 +1,119 @@
+"""The stage loop's logic without processes: an in-memory stand-in for the transport, one stage at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dni_async.config import PipelineConfig
+from dni_async.metrics import JsonLines
+from dni_async.pipeline import build_sg
+from dni_async.stage import StageWorker
+from dni_async.transport import Message, Transport, TransportOptions
+
+
+class ScriptedTransport(Transport):
+    """Records sends; ``recv`` pops scripted messages; sends may be scripted to block once."""
+
+    def __init__(self, stage: int, num_stages: int) -> None:
+        super().__init__(stage, num_stages, TransportOptions())
+        self.sent: list[Message] = []
+        self.inbox: dict[str, list[Message]] = {"forward": [], "backward": []}
+        self.blocked_sends = 0
+        self.on_blocked: Callable[[], None] | None = None
+
+    def bind(self) -> str:
+        return "scripted"
+
+    def connect(self, endpoints: Mapping[int, str]) -> None:
+        pass
+
+    def send(self, dst: int, msg: Message, while_blocked: Callable[[], None] | None = None) -> None:
+        if self.blocked_sends and msg.kind in ("act", "eval"):
+            self.blocked_sends -= 1
+            if self.on_blocked is not None:
+                self.on_blocked()
+            assert while_blocked is not None, "a DNI stage blocked sending forward must consume gradients"
+            while_blocked()
+        self.sent.append(msg)
+
+    def recv(self, direction: str, timeout: float | None = None) -> Message | None:
+        box = self.inbox[direction]
+        if box:
+            return box.pop(0)
+        assert timeout is not None, f"recv({direction!r}) would wait forever"
+        return None
+
+    def queue_depth(self, direction: str) -> int:
+        return len(self.inbox[direction])
+
+    def close(self) -> None:
+        pass
+
+
+def first_stage(tmp_path: Path, **overrides: object) -> tuple[StageWorker, ScriptedTransport]:
+    config = PipelineConfig(stages=2, mode="dni", run_dir=str(tmp_path), log_every=1000, **overrides)  # type: ignore[arg-type]
+    transport = ScriptedTransport(0, 2)
+    block = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    worker = StageWorker(0, 2, block, transport, config, torch.device("cpu"), F.cross_entropy,
+                         build_sg("linear", 6, 8, 0), 3, JsonLines(tmp_path / "m.jsonl"),
+                         JsonLines(tmp_path / "e.jsonl"))
+    return worker, transport
+
+
+def grad(step: int) -> Message:
+    return Message("grad", step, 1, [torch.ones(5, 6)])
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(5, 4), torch.randint(0, 3, (5,))
+
+
+def test_updates_without_waiting_and_sends_activation_first(tmp_path: Path) -> None:
+    worker, transport = first_stage(tmp_path)
+    assert worker.sg is not None
+    with torch.no_grad():  # a zero-initialised SG predicts exactly 0 at first
+        worker.sg.final.weight.normal_()
+    before = worker.block[0].weight.detach().clone()
+    worker._train_step(0, *batch())
+    assert [m.kind for m in transport.sent] == ["act"]
+    assert not torch.equal(worker.block[0].weight, before), "updated from the SG, no gradient received"
+    assert list(worker.stash) == [0]
+
+
+def test_blocked_forward_send_consumes_gradients(tmp_path: Path) -> None:
+    """The deadlock seen in 4-stage runs: stage 0 blocked sending while stage 1 blocks sending gradients."""
+    worker, transport = first_stage(tmp_path)
+    worker._train_step(0, *batch())
+    worker._train_step(1, *batch())
+    transport.inbox["backward"] = [grad(0), grad(1)]
+    transport.blocked_sends = 1
+    worker._send_eval([batch()])
+    assert transport.inbox["backward"] == [], "gradients were consumed while the send was blocked"
+    assert worker.stash == {} and worker.stats.sg_loss_last is not None
+
+
+def test_window_bounds_steps_in_flight(tmp_path: Path) -> None:
+    worker, transport = first_stage(tmp_path, max_in_flight=2)
+    worker._train_step(0, *batch())
+    worker._train_step(1, *batch())
+    transport.inbox["backward"] = [grad(0)]
+    worker._train_step(2, *batch())  # waits for grad(0), which is there
+    assert sorted(worker.stash) == [1, 2]
+    with pytest.raises(AssertionError, match="wait forever"):
+        worker._train_step(3, *batch())  # two in flight and no gradient coming: it must wait
+
+
+def test_stash_drops_oldest_and_counts(tmp_path: Path) -> None:
+    worker, transport = first_stage(tmp_path, max_in_flight=0, stash_size=3)
+    for t in range(5):
+        worker._train_step(t, *batch())
+    assert sorted(worker.stash) == [2, 3, 4] and worker.stats.dropped_targets == 2
+    transport.inbox["backward"] = [grad(0)]
+    worker._drain_grads(5)
+    assert worker.stats.dropped_targets == 3 and worker.stats.max_staleness == 5
