@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,7 +29,6 @@ def torchrun(nproc: int, args: list[str], timeout: float = 120) -> subprocess.Co
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        import os
         import signal
 
         os.killpg(proc.pid, signal.SIGKILL)
@@ -71,6 +71,8 @@ def test_end_to_end(tmp_path: Path, mnist_dir: Path, stages: int, mode: str) -> 
         info = json.loads((run / "stages" / f"stage-{i}.json").read_text())
         assert info["status"] == "done" and info["stage"] == i and info["transport"] == "zmq"
         assert "127.0.0.1" in info["endpoints"]["data"]
+        with pytest.raises(ProcessLookupError):  # no stage process left behind
+            os.kill(info["pid"], 0)
     lines = read_lines(run / "metrics.jsonl")
     assert {line["stage"] for line in lines} == set(range(stages))
     assert all({"stage", "step", "time"} <= line.keys() for line in lines)
@@ -151,7 +153,6 @@ def test_bad_input_refused_before_training(tmp_path: Path, args: list[str], mess
 
 def test_a_killed_stage_ends_the_run(tmp_path: Path, mnist_dir: Path) -> None:
     """kill -9 of a middle stage: torchrun and the other stages exit non-zero within 10 s, nothing left."""
-    import os
     import signal
 
     run = tmp_path / "run"
