@@ -185,3 +185,40 @@ def test_a_killed_stage_ends_the_run(tmp_path: Path, mnist_dir: Path) -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
+
+
+USER_SCRIPT = '''
+import sys, torch, torch.nn.functional as F
+from torch import nn
+from dni_async.config import PipelineConfig
+from dni_async.pipeline import PipelineTask, run_pipeline
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+teacher = torch.randn(8)
+
+def data():
+    gen = torch.Generator().manual_seed(1)
+    def batches():
+        while True:
+            x = torch.randn(64, 8, generator=gen)
+            yield x, (x @ teacher > 0).long()
+    x = torch.randn(1000, 8, generator=gen)
+    return batches(), 150, [(x, (x @ teacher > 0).long())], "teacher"
+
+task = PipelineTask(name="user", blocks=list(model.children()), loss_fn=F.cross_entropy, input_shape=(8,),
+                    num_classes=2, data=data)
+run_pipeline(task, PipelineConfig(stages=2, mode="dni", batch_size=64, lr=1e-2, run_dir=sys.argv[1], progress=False))
+'''
+
+
+def test_python_api_runs_a_users_model(tmp_path: Path) -> None:
+    script = tmp_path / "user.py"
+    script.write_text(USER_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(tmp_path / "run")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    ok(result)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["task"] == "user" and summary["dataset"] == "teacher" and summary["steps"] == 150
+    assert summary["final_eval"]["accuracy"] > 0.8
