@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,15 @@ def _stage_file(config: PipelineConfig, env: StageEnv, endpoint: str | None, sta
     })
 
 
+def _clear_outputs(run_dir: Path) -> None:
+    """Remove a previous run's outputs from ``run_dir`` (shared files are appended to)."""
+    for name in ("metrics.jsonl", "summary.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in ("events", "grads", "stages"):
+        if (run_dir / folder).is_dir():
+            shutil.rmtree(run_dir / folder)
+
+
 def validate(task: PipelineTask, config: PipelineConfig) -> list[nn.Sequential]:
     """Check what can be checked before any process starts; return the stages.
 
@@ -127,8 +137,11 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         env.store.set(f"dni_async/endpoint/{env.rank}", endpoint)
         endpoints = {r: env.store.get(f"dni_async/endpoint/{r}").decode() for r in range(config.stages)}
         transport.connect(endpoints)
-        _stage_file(config, env, endpoint, "running")
         run_dir = Path(config.run_dir)
+        if env.is_main:
+            _clear_outputs(run_dir)
+        torch.distributed.barrier()  # nobody appends to the previous run's files
+        _stage_file(config, env, endpoint, "running")
         metrics = JsonLines(run_dir / "metrics.jsonl")
         events = JsonLines(run_dir / "events" / f"stage-{env.rank}.jsonl")
         worker = StageWorker(env.rank, config.stages, block, transport, config, env.device, task.loss_fn, sg,
