@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
+from .transport import TRANSPORTS
+
 __all__ = ["MODES", "SG_KINDS", "PipelineConfig", "add_arguments", "config_from_args"]
 
 MODES = ("dni", "cdni", "backprop")
@@ -82,6 +84,8 @@ class PipelineConfig:
             raise ValueError(f"--stages must be >= 1, got {self.stages}")
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"--transport must be one of {sorted(TRANSPORTS)}, got {self.transport!r}")
         if self.sg not in SG_KINDS:
             raise ValueError(f"--sg must be one of {SG_KINDS}, got {self.sg!r}")
         if self.steps is not None and self.steps < 1:
@@ -137,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="comma list, stage i -> item i: 'cpu' or a GPU id (default: GPU LOCAL_RANK if CUDA, else cpu)")
     a("--threads-per-stage", type=int, default=d.threads_per_stage,
       help=f"CPU threads per stage process (default: {d.threads_per_stage})")
-    a("--transport", default=d.transport, help=f"data-plane transport (default: {d.transport})")
+    a("--transport", choices=sorted(TRANSPORTS), default=d.transport,
+      help=f"data-plane transport (default: {d.transport})")
     a("--run-dir", default=d.run_dir, help=f"output folder (default: {d.run_dir})")
     a("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps; 0 = at the end (default: 0)")
     a("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")

@@ -80,6 +80,17 @@ def test_end_to_end(tmp_path: Path, mnist_dir: Path, stages: int, mode: str) -> 
     assert any("loss" in line for line in lines if line["stage"] == stages - 1)
 
 
+@pytest.mark.parametrize("mode", ["dni", "backprop"])
+def test_rpc_transport_end_to_end(tmp_path: Path, mnist_dir: Path, mode: str) -> None:
+    run = tmp_path / "run"
+    ok(torchrun(2, ["--stages", "2", "--mode", mode, "--transport", "rpc", "--steps", "60", "--data-dir",
+                    str(mnist_dir), "--run-dir", str(run), *SMALL]))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["transport"] == "rpc" and summary["steps"] == 60
+    assert summary["final_eval"]["accuracy"] > 0.3
+    assert all(s["messages_sent"] >= 60 and s["rejected_messages"] == 0 for s in summary["per_stage"])
+
+
 def test_backprop_parity_with_one_process(tmp_path: Path, mnist_dir: Path) -> None:
     run = tmp_path / "run"
     ok(torchrun(2, ["--stages", "2", "--mode", "backprop", "--steps", "1", "--save-grads-step", "0",

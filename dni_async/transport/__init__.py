@@ -22,6 +22,7 @@ __all__ = [
 # name -> "module:class", imported on use so that a transport's machinery loads only when chosen
 TRANSPORTS = {
     "zmq": "dni_async.transport.zmq:ZmqTransport",
+    "rpc": "dni_async.transport.rpc:RpcTransport",
 }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -11,7 +13,9 @@ import torch
 __all__ = [
     "KINDS",
     "DIRECTIONS",
+    "DIRECTION_KINDS",
     "Message",
+    "RejectLog",
     "TransportOptions",
     "TransportStats",
     "PeerLost",
@@ -28,6 +32,10 @@ KINDS = ("act", "grad", "eval", "stop", "abort")
 # sockets) are what keep backpressure free of deadlock: a stage whose forward
 # queue is full still drains the gradients coming back.
 DIRECTIONS = ("forward", "backward")
+# Which kinds travel in each direction.
+DIRECTION_KINDS = {"forward": ("act", "eval", "stop", "abort"), "backward": ("grad", "stop", "abort")}
+_LOG_FIRST, _LOG_EVERY_S = 10, 10.0  # rejections: log the first ten, then one line per ten seconds
+logger = logging.getLogger("dni_async.transport")
 
 
 @dataclass
@@ -91,6 +99,26 @@ class Aborted(RuntimeError):
         super().__init__(f"stage {src} aborted the run: {reason}")
         self.src = src
         self.reason = reason
+
+
+class RejectLog:
+    """Logs rejected messages of a transport: the first few in full, then one line per interval with a count."""
+
+    def __init__(self, stage: int) -> None:
+        self.stage = stage
+        self.count = 0
+        self.suppressed = 0
+        self.last = 0.0
+
+    def __call__(self, direction: str, reason: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.count <= _LOG_FIRST or now - self.last >= _LOG_EVERY_S:
+            more = f" ({self.suppressed} more rejected since the last report)" if self.suppressed else ""
+            logger.warning("[Stage %d] dropped a malformed %s message: %s%s", self.stage, direction, reason, more)
+            self.last, self.suppressed = now, 0
+        else:
+            self.suppressed += 1
 
 
 class Transport(abc.ABC):

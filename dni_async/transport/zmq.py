@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import zmq
 
 from .. import protocol
-from .base import DIRECTIONS, Aborted, Message, PeerLost, Transport, TransportOptions
+from .base import DIRECTION_KINDS, DIRECTIONS, Aborted, Message, PeerLost, RejectLog, Transport, TransportOptions
 
 __all__ = ["ZmqTransport", "format_endpoint", "parse_endpoint"]
 
@@ -59,9 +59,6 @@ _WAIT_SLICE_S = 0.1  # recv/send wait in slices this long to notice an abort or 
 _ABORT_TIMEOUT_S = 1.0  # how long a best-effort abort send may block
 _CLOSE_LINGER_MS = 1000  # how long close() lets sent messages (a final stop or abort) leave, then drops them
 _DRAIN_BATCH = 64  # messages taken from one socket before looking at the other (fairness)
-_LOG_FIRST, _LOG_EVERY_S = 10, 10.0  # rejections: log the first ten, then one line per ten seconds
-# which kinds travel in each direction (base.py: act/eval/stop forward, grad/stop backward, abort both)
-_DIRECTION_KINDS = {"forward": ("act", "eval", "stop", "abort"), "backward": ("grad", "stop", "abort")}
 
 
 def _host_in_url(host: str) -> str:
@@ -99,26 +96,6 @@ class _Inbound:
     registered: bool = False
 
 
-class _RejectLog:
-    """Logs rejected frames: the first few in full, then one line per interval with a count."""
-
-    def __init__(self, stage: int) -> None:
-        self.stage = stage
-        self.count = 0
-        self.suppressed = 0
-        self.last = 0.0
-
-    def __call__(self, direction: str, reason: str) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if self.count <= _LOG_FIRST or now - self.last >= _LOG_EVERY_S:
-            more = f" ({self.suppressed} more rejected since the last report)" if self.suppressed else ""
-            logger.warning("[Stage %d] dropped a malformed %s message: %s%s", self.stage, direction, reason, more)
-            self.last, self.suppressed = now, 0
-        else:
-            self.suppressed += 1
-
-
 class ZmqTransport(Transport):
     """zmq PUSH/PULL channels to the two neighbours, drained by one I/O thread.
 
@@ -142,7 +119,7 @@ class ZmqTransport(Transport):
         self._abort: tuple[int, str] | None = None
         self._io_error: BaseException | None = None
         self._closed = False
-        self._log_reject = _RejectLog(stage)
+        self._log_reject = RejectLog(stage)
 
     def _socket(self, kind: int, url_host: str) -> zmq.Socket[Any]:
         """A socket with this transport's high-water marks."""
@@ -233,7 +210,7 @@ class ZmqTransport(Transport):
             raise ValueError(f"stage {self.stage} can only send to its neighbours, not to stage {dst}")
         if msg.src != self.stage:
             raise ValueError(f"stage {self.stage} sends a message with src={msg.src}")
-        if msg.kind not in _DIRECTION_KINDS["forward" if dst > self.stage else "backward"]:
+        if msg.kind not in DIRECTION_KINDS["forward" if dst > self.stage else "backward"]:
             raise ValueError(f"stage {self.stage} cannot send a {msg.kind!r} message to stage {dst}")
         if self._closed or dst not in self._outbound:
             raise RuntimeError(f"stage {self.stage}: send() before connect() or after close()")
@@ -375,7 +352,7 @@ class ZmqTransport(Transport):
             self.stats.rejected += 1
             self._log_reject(inb.direction, str(err))
             return
-        if msg.src != inb.peer or msg.kind not in _DIRECTION_KINDS[inb.direction]:
+        if msg.src != inb.peer or msg.kind not in DIRECTION_KINDS[inb.direction]:
             self.stats.rejected += 1
             self._log_reject(inb.direction, f"{msg.kind} from src={msg.src} on the channel of stage {inb.peer}")
             return
