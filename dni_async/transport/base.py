@@ -16,6 +16,8 @@ __all__ = [
     "DIRECTION_KINDS",
     "Message",
     "RejectLog",
+    "SendDeadline",
+    "ABORT_TIMEOUT_S",
     "TransportOptions",
     "TransportStats",
     "PeerLost",
@@ -34,6 +36,7 @@ KINDS = ("act", "grad", "eval", "stop", "abort")
 DIRECTIONS = ("forward", "backward")
 # Which kinds travel in each direction.
 DIRECTION_KINDS = {"forward": ("act", "eval", "stop", "abort"), "backward": ("grad", "stop", "abort")}
+ABORT_TIMEOUT_S = 1.0  # how long a best-effort abort send may try
 _LOG_FIRST, _LOG_EVERY_S = 10, 10.0  # rejections: log the first ten, then one line per ten seconds
 logger = logging.getLogger("dni_async.transport")
 
@@ -119,6 +122,38 @@ class RejectLog:
             self.last, self.suppressed = now, 0
         else:
             self.suppressed += 1
+
+
+class SendDeadline:
+    """The wait of one send: PeerLost once ``peer_timeout`` has passed, Aborted if an abort arrives meanwhile.
+
+    An ``abort`` send is best effort: it tries for ``ABORT_TIMEOUT_S`` and then gives up quietly.
+    """
+
+    def __init__(self, transport: Transport, dst: int, msg: Message) -> None:
+        self.transport, self.dst, self.msg = transport, dst, msg
+        self.best_effort = msg.kind == "abort"
+        peer_timeout = transport.options.peer_timeout
+        self.timeout = min(ABORT_TIMEOUT_S, peer_timeout) if self.best_effort else peer_timeout
+        self.deadline = time.monotonic() + self.timeout
+
+    def remaining(self, abort: tuple[int, str] | None) -> float | None:
+        """Seconds left to wait, or None when a best-effort send should give up (logged).
+
+        Raises:
+            PeerLost: past the deadline.
+            Aborted: when ``abort`` (the transport's received abort) is set.
+        """
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            if self.best_effort:
+                logger.warning("[Stage %d] could not deliver abort to stage %d", self.transport.stage, self.dst)
+                return None
+            raise PeerLost(self.dst, f"it took no message for {self.timeout:g} s ({self.msg.kind}, step "
+                                     f"{self.msg.step}): its queue stayed full or it is gone")
+        if abort is not None and not self.best_effort:
+            raise Aborted(*abort)
+        return left
 
 
 class Transport(abc.ABC):

@@ -23,7 +23,17 @@ from torch.distributed.rpc import api as rpc_api
 from torch.distributed.rpc import internal as rpc_internal
 
 from .. import protocol
-from .base import DIRECTION_KINDS, DIRECTIONS, Aborted, Message, PeerLost, RejectLog, Transport, TransportOptions
+from .base import (
+    DIRECTION_KINDS,
+    DIRECTIONS,
+    Aborted,
+    Message,
+    PeerLost,
+    RejectLog,
+    SendDeadline,
+    Transport,
+    TransportOptions,
+)
 
 __all__ = ["RpcTransport", "format_endpoint", "parse_endpoint"]
 
@@ -63,7 +73,6 @@ logger = logging.getLogger("dni_async.transport")
 
 _SCHEME = "rpc"
 _WAIT_SLICE_S = 0.1  # kernel's longest wait for room; sender's poll tick for while_blocked and aborts
-_ABORT_TIMEOUT_S = 1.0  # how long a best-effort abort send may try
 _PROBE_MIN_BYTES = 1 << 16  # payloads at least this large probe a full peer first instead of being resent
 _FULL, _NO_STAGE, _REJECTED = -1, -2, -3  # kernel answers; >= 0: accepted, that many free slots left
 _NUM_RPC_THREADS = 4  # each sender has at most one call in flight per destination
@@ -380,29 +389,21 @@ class RpcTransport(Transport):
         frames = protocol.encode(msg)
         header, payload = _byte_tensor(frames[0]), [_byte_tensor(f) for f in frames[1:]]
         nbytes = sum(protocol.frame_nbytes(f) for f in frames)
-        best_effort = msg.kind == "abort"
-        timeout = min(_ABORT_TIMEOUT_S, self.options.peer_timeout) if best_effort else self.options.peer_timeout
+        deadline = SendDeadline(self, dst, msg)
         deliver, space, _ = _script_functions()
         code = DIRECTIONS.index(direction)
-        deadline = time.monotonic() + timeout
         with self._send_locks[dst]:
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    if best_effort:
-                        logger.warning("[Stage %d] could not deliver abort to stage %d", self.stage, dst)
-                        return
-                    raise PeerLost(dst, f"it took no message for {timeout:g} s ({msg.kind}, step {msg.step}): "
-                                        "its queue stayed full or it is gone")
-                if self._abort is not None and not best_effort:
-                    raise Aborted(*self._abort)
+                remaining = deadline.remaining(self._abort)
+                if remaining is None:
+                    return
                 wait = min(_WAIT_SLICE_S, remaining)
                 probe = self._peer_full[dst] and nbytes >= _PROBE_MIN_BYTES
                 args = (dst, code, wait) if probe else (dst, code, header, payload, wait)
                 try:
                     status = self._call(dst, space if probe else deliver, args, remaining, while_blocked)
                 except RuntimeError as err:
-                    if best_effort:
+                    if deadline.best_effort:
                         logger.warning("[Stage %d] could not deliver abort to stage %d: %s", self.stage, dst, err)
                         return
                     raise PeerLost(dst, f"rpc to it failed ({msg.kind}, step {msg.step}): {err}") from err

@@ -15,7 +15,16 @@ from typing import Any, Callable, Mapping
 import zmq
 
 from .. import protocol
-from .base import DIRECTION_KINDS, DIRECTIONS, Aborted, Message, PeerLost, RejectLog, Transport, TransportOptions
+from .base import (
+    DIRECTION_KINDS,
+    DIRECTIONS,
+    Aborted,
+    Message,
+    RejectLog,
+    SendDeadline,
+    Transport,
+    TransportOptions,
+)
 
 __all__ = ["ZmqTransport", "format_endpoint", "parse_endpoint"]
 
@@ -56,7 +65,6 @@ logger = logging.getLogger("dni_async.transport")
 _SCHEME = "zmq"
 _POLL_MS = 100  # I/O thread's poll tick: only bounds how fast it notices close()
 _WAIT_SLICE_S = 0.1  # recv/send wait in slices this long to notice an abort or a dead I/O thread
-_ABORT_TIMEOUT_S = 1.0  # how long a best-effort abort send may block
 _CLOSE_LINGER_MS = 1000  # how long close() lets sent messages (a final stop or abort) leave, then drops them
 _DRAIN_BATCH = 64  # messages taken from one socket before looking at the other (fairness)
 
@@ -215,25 +223,17 @@ class ZmqTransport(Transport):
         if self._closed or dst not in self._outbound:
             raise RuntimeError(f"stage {self.stage}: send() before connect() or after close()")
         frames = protocol.encode(msg)
-        best_effort = msg.kind == "abort"
-        timeout = min(_ABORT_TIMEOUT_S, self.options.peer_timeout) if best_effort else self.options.peer_timeout
         sock = self._outbound[dst]
-        deadline = time.monotonic() + timeout
+        wait = SendDeadline(self, dst, msg)
         while True:
             try:
                 sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
                 break
             except zmq.Again:
                 pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if best_effort:
-                    logger.warning("[Stage %d] could not deliver abort to stage %d", self.stage, dst)
-                    return
-                raise PeerLost(dst, f"it took no message for {timeout:g} s ({msg.kind}, step {msg.step}): "
-                                    "its queue stayed full or it is gone")
-            if self._abort is not None and not best_effort:
-                raise Aborted(*self._abort)
+            remaining = wait.remaining(self._abort)
+            if remaining is None:
+                return
             if while_blocked is not None:
                 while_blocked()
             sock.poll(int(min(remaining, _WAIT_SLICE_S) * 1000) + 1, zmq.POLLOUT)
