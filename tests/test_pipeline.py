@@ -236,3 +236,32 @@ def test_python_api_runs_a_users_model(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["task"] == "user" and summary["dataset"] == "teacher" and summary["steps"] == 150
     assert summary["final_eval"]["accuracy"] > 0.8
+
+
+def test_two_torchrun_agents_multi_node_flags(tmp_path: Path, mnist_dir: Path) -> None:
+    """Two torchrun agents (--nnodes 2, one stage each) meet through c10d rendezvous, as on two hosts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+         str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test",
+         str(ROOT / "launch" / "pipeline.py"), "--stages", "2", "--steps", "30", "--data-dir", str(mnist_dir),
+         "--run-dir", str(run), *SMALL],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for rank in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        import signal
+
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errs)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 30 and len({s["pid"] for s in summary["per_stage"]}) == 2
