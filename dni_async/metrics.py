@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,6 @@ class StageStats:
     loss_last: float | None = None
     max_staleness: int = 0
     dropped_targets: int = 0
-    started: float = field(default_factory=time.perf_counter)
     step_times: list[float] = field(default_factory=list)
 
     def summary(self, transport_stats: Any, wall_s: float) -> dict[str, Any]:

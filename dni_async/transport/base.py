@@ -61,13 +61,11 @@ class TransportOptions:
     advertise_host: str | None = None
     """Address peers use to reach this stage; None: ``bind_host``."""
     queue_size: int = 8
-    """Inbound queue bound per direction, and the socket high-water mark, in messages."""
+    """Inbound queue bound per direction, in messages."""
     peer_timeout: float = 60.0
     """Seconds a send may block on a full peer before the peer counts as lost."""
     max_message_bytes: int = 1 << 30
     """Largest message accepted from the network; larger ones are rejected."""
-    rpc_init_method: str | None = None
-    """``tcp://host:port`` rendezvous for the rpc transport (unused by zmq)."""
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
