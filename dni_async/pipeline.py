@@ -111,7 +111,7 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
 
     Raises:
         ValueError: for bad input, before any training.
-        RuntimeError: outside torchrun or with a world size other than ``config.stages``.
+        LaunchError: outside torchrun or with a world size other than ``config.stages``.
     """
     stages = validate(task, config)
     env = init_stage(config.stages, config.devices)

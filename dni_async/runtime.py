@@ -15,10 +15,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["StageEnv", "init_stage", "resolve_device", "gather_json", "AbortWatchdog", "shutdown"]
+__all__ = ["LaunchError", "StageEnv", "init_stage", "resolve_device", "gather_json", "AbortWatchdog", "shutdown"]
 
 log = logging.getLogger("dni_async")
 ABORT_KEY = "dni_async/abort"
+
+
+class LaunchError(RuntimeError):
+    """The processes were not started the way ``--stages`` needs (outside torchrun, wrong world size)."""
 
 
 @dataclass
@@ -61,15 +65,15 @@ def init_stage(stages: int, devices: list[str] | None, timeout_s: float = 120.0)
     """Read the torchrun environment, check it against ``stages``, start the gloo control plane.
 
     Raises:
-        RuntimeError: outside torchrun, or when the world size is not ``stages``.
+        LaunchError: outside torchrun, or when the world size is not ``stages``.
         ValueError: for a bad device.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise RuntimeError("not started by torchrun (RANK/WORLD_SIZE unset)")
+        raise LaunchError("not started by torchrun (RANK/WORLD_SIZE unset)")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if world != stages:
-        raise RuntimeError(
+        raise LaunchError(
             f"torchrun started {world} process(es) but --stages is {stages}; run "
             f"`torchrun --standalone --nproc-per-node {stages} launch/pipeline.py --stages {stages} ...` "
             f"or `python launch/pipeline.py --stages {stages} ...`, which starts them itself")

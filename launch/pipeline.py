@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from dni_async.config import add_arguments, config_from_args  # noqa: E402
 from dni_async.pipeline import run_pipeline, setup_logging, validate  # noqa: E402
+from dni_async.runtime import LaunchError  # noqa: E402
 from tasks import get_pipeline_task  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run_pipeline(task, config)
-    except ValueError as err:  # bad input found before training
+    except (ValueError, LaunchError) as err:  # bad input or launch, found before training
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
