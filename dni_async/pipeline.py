@@ -19,7 +19,7 @@ from .metrics import JsonLines, steady_samples_per_s, write_json_atomic
 from .partition import check_stage_shapes, partition
 from .runtime import AbortWatchdog, StageEnv, gather_json, init_stage, resolve_device, shutdown
 from .stage import Batch, StageWorker
-from .synthetic import DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
+from .synthetic import Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
 from .transport import TransportOptions, make_transport
 
 __all__ = ["PipelineTask", "build_sg", "run_pipeline", "setup_logging", "validate"]
@@ -45,8 +45,19 @@ class PipelineTask:
     """Called on stage 0 only: ``(train batches, steps, eval batches, dataset name)``."""
 
 
-def build_sg(kind: str, features: int, hidden: int, context_size: int) -> DNINetwork:
-    """The SG module of a stage whose output has ``features`` features."""
+def build_sg(kind: str, shape: int | tuple[int, ...], hidden: int, context_size: int) -> DNINetwork:
+    """The SG module of a stage whose output has ``shape`` (per example: ``features`` or ``(C, H, W)``).
+
+    Feature maps get a ``Conv2dDNI`` (``linear``: one 3x3 convolution; ``mlp``:
+    one hidden convolution of ``hidden`` channels); vectors get the ``kind`` asked for.
+    """
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    features = dims[0] if len(dims) == 3 else dims[-1]
+    if len(dims) == 3:
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"--sg {kind} has no convolutional form; use linear or mlp for feature maps")
+        return Conv2dDNI(features, hidden, features, num_layers=0 if kind == "linear" else 1,
+                         context_size=context_size)
     if kind == "linear":
         return LinearDNI(features, hidden, features, num_layers=0, context_size=context_size)
     if kind == "mlp":
@@ -127,9 +138,9 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         last = env.rank == config.stages - 1
         sg = None
         if config.mode != "backprop" and not last:
-            features = check_stage_shapes(stages[:env.rank + 1], torch.zeros(2, *task.input_shape))[-1][-1]
+            shape = check_stage_shapes(stages[:env.rank + 1], torch.zeros(2, *task.input_shape))[-1][1:]
             context = task.num_classes if config.mode == "cdni" else 0
-            sg = build_sg(config.sg, int(features), config.sg_hidden, context).to(env.device)
+            sg = build_sg(config.sg, tuple(shape), config.sg_hidden, context).to(env.device)
         options = TransportOptions(bind_host=config.bind, advertise_host=config.advertise,
                                    queue_size=config.queue_size, peer_timeout=config.peer_timeout)
         transport = make_transport(config.transport, env.rank, config.stages, options)

@@ -10,13 +10,13 @@ from dni_async.pipeline import PipelineTask
 __all__ = ["PIPELINE_TASKS", "get_pipeline_task"]
 
 
-def _mnist_fcn(config: PipelineConfig) -> PipelineTask:
+def _mnist(config: PipelineConfig) -> PipelineTask:
     from .mnist import pipeline_task
 
     return pipeline_task(config)
 
 
-PIPELINE_TASKS: dict[str, Callable[[PipelineConfig], PipelineTask]] = {"mnist-fcn": _mnist_fcn}
+PIPELINE_TASKS: dict[str, Callable[[PipelineConfig], PipelineTask]] = {"mnist-fcn": _mnist, "mnist-cnn": _mnist}
 
 
 def get_pipeline_task(config: PipelineConfig) -> PipelineTask:

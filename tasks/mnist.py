@@ -21,7 +21,7 @@ from dni_async.config import PipelineConfig
 from dni_async.data import load_mnist
 from dni_async.pipeline import PipelineTask
 
-__all__ = ["mnist_fcn", "fcn_blocks", "pipeline_task", "evaluate", "train", "main"]
+__all__ = ["mnist_fcn", "fcn_blocks", "cnn_blocks", "pipeline_task", "evaluate", "train", "main"]
 
 log = logging.getLogger("tasks.mnist")
 MODES = ("backprop", "dni", "cdni")
@@ -52,6 +52,20 @@ def fcn_blocks(hidden_size: int = 256, num_layers: int = 3) -> list[nn.Module]:
     return blocks
 
 
+def cnn_blocks(channels: int = 32) -> list[nn.Module]:
+    """The MNIST CNN as pipeline blocks: 3 x (Conv -> BatchNorm -> ReLU [-> MaxPool]), then Linear -> 10.
+
+    28x28 -> 14x14 -> 7x7 -> 7x7 feature maps; every block's output is a
+    feature map, so its SG is a ``Conv2dDNI``.
+    """
+    def conv(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
+        layers = [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+        return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
+
+    return [conv(1, channels, True), conv(channels, 2 * channels, True), conv(2 * channels, 2 * channels, False),
+            nn.Sequential(nn.Flatten(), nn.Linear(2 * channels * 7 * 7, 10))]
+
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -70,9 +84,15 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, seed
 
 
 def pipeline_task(config: PipelineConfig) -> PipelineTask:
-    """``mnist-fcn`` for the multi-process runtime (blocks built from ``config.seed``)."""
+    """``mnist-fcn`` or ``mnist-cnn`` for the multi-process runtime (blocks built from ``config.seed``).
+
+    ``mnist-cnn`` uses ``--hidden-size`` as its first block's channel count.
+    """
     torch.manual_seed(config.seed)
-    blocks = fcn_blocks(config.hidden_size, config.num_layers)
+    if config.task == "mnist-cnn":
+        blocks = cnn_blocks(config.hidden_size)
+    else:
+        blocks = fcn_blocks(config.hidden_size, config.num_layers)
 
     def data() -> tuple[Iterator[Batch], int, list[Batch], str]:
         x_train, y_train = load_mnist(config.data_dir, "train")
@@ -82,7 +102,7 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
         evals = [(x_test[i:i + 1000], y_test[i:i + 1000]) for i in range(0, len(x_test), 1000)]
         return _batches(x_train, y_train, config.batch_size, steps, config.seed), steps, evals, "mnist"
 
-    return PipelineTask(name="mnist-fcn", blocks=blocks, loss_fn=F.cross_entropy, input_shape=(1, 28, 28),
+    return PipelineTask(name=config.task, blocks=blocks, loss_fn=F.cross_entropy, input_shape=(1, 28, 28),
                         num_classes=10, data=data)
 
 
@@ -100,7 +120,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 def train(mode: str, data_dir: str | None, epochs: int = 1, batch_size: int = 128, lr: float = 3e-4,
           sg_lr: float = 3e-3, sg_layers: int = 0, sg_hidden: int = 10, sg_targets: str = "batch",
-          hidden_size: int = 256, num_layers: int = 3, seed: int = 0,
+          hidden_size: int = 256, num_layers: int = 3, seed: int = 0, model_kind: str = "fcn",
           progress: bool = True) -> dict[str, float]:
     """Train the MLP in one process and return ``{"accuracy", "wall_s", ...}``.
 
@@ -115,6 +135,7 @@ def train(mode: str, data_dir: str | None, epochs: int = 1, batch_size: int = 12
         sg_layers: hidden layers of the ``LinearDNI`` SGs (0: linear).
         sg_hidden: width of those hidden layers.
         sg_targets: ``batch`` (regress B * dL/dh) or ``raw`` (regress dL/dh).
+        model_kind: ``fcn`` (the MLP) or ``cnn`` (``cnn_blocks``; ``hidden_size`` = first block's channels).
         hidden_size: width of the hidden layers.
         num_layers: number of hidden layers.
         seed: RNG seed (weights and data order).
@@ -127,7 +148,9 @@ def train(mode: str, data_dir: str | None, epochs: int = 1, batch_size: int = 12
     torch.manual_seed(seed)
     x_train, y_train = load_mnist(data_dir, "train")
     x_test, y_test = load_mnist(data_dir, "test")
-    model = mnist_fcn(hidden_size, num_layers)
+    if model_kind not in ("fcn", "cnn"):
+        raise ValueError(f"model_kind must be fcn or cnn, got {model_kind!r}")
+    model = mnist_fcn(hidden_size, num_layers) if model_kind == "fcn" else nn.Sequential(*cnn_blocks(hidden_size))
     if mode == "backprop":
         net: nn.Module = model
         opt: torch.optim.Optimizer | None = torch.optim.Adam(model.parameters(), lr=lr)
@@ -164,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: train one mode and print the test accuracy as JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", choices=MODES, default="dni", help="training method (default: dni)")
+    parser.add_argument("--model", choices=("fcn", "cnn"), default="fcn",
+                        help="fcn: the MLP; cnn: 3 conv blocks + linear, --hidden-size = channels (default: fcn)")
     parser.add_argument("--data-dir", default=None, help="folder with the MNIST files (else $DNI_ASYNC_DATA)")
     parser.add_argument("--epochs", type=int, default=1, help="passes over the training set (default: 1)")
     parser.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: 128)")
@@ -192,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = train(args.mode, args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    sg_lr=args.sg_lr, sg_layers=args.sg_layers, sg_hidden=args.sg_hidden,
                    sg_targets=args.sg_targets, hidden_size=args.hidden_size,
-                   num_layers=args.num_layers, seed=args.seed)
-    print(json.dumps({"mode": args.mode, "epochs": args.epochs, "seed": args.seed, **result}))
+                   num_layers=args.num_layers, seed=args.seed, model_kind=args.model)
+    print(json.dumps({"mode": args.mode, "model": args.model, "epochs": args.epochs, "seed": args.seed, **result}))
     return 0
 
 

@@ -87,3 +87,12 @@ def test_build_sg_kinds(kind: str) -> None:
     h = torch.randn(4, 16)
     out, _ = sg(h, None, context=torch.eye(3)[[0, 1, 2, 0]])
     assert out.shape == h.shape and torch.count_nonzero(out) == 0
+
+
+def test_build_sg_for_feature_maps() -> None:
+    sg = build_sg("mlp", (8, 7, 7), 4, context_size=10)
+    h = torch.randn(2, 8, 7, 7)
+    out, _ = sg(h, None, context=torch.eye(10)[[3, 4]])
+    assert out.shape == h.shape
+    with pytest.raises(ValueError, match="no convolutional form"):
+        build_sg("linear-bn", (8, 7, 7), 4, context_size=0)

@@ -91,6 +91,15 @@ def test_rpc_transport_end_to_end(tmp_path: Path, mnist_dir: Path, mode: str) ->
     assert all(s["messages_sent"] >= 60 and s["rejected_messages"] == 0 for s in summary["per_stage"])
 
 
+def test_cnn_task_with_conv_sgs(tmp_path: Path, mnist_dir: Path) -> None:
+    run = tmp_path / "run"
+    ok(torchrun(3, ["--stages", "3", "--task", "mnist-cnn", "--hidden-size", "8", "--mode", "cdni", "--steps", "40",
+                    "--data-dir", str(mnist_dir), "--run-dir", str(run), "--no-progress"]))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task"] == "mnist-cnn" and summary["final_eval"]["accuracy"] > 0.3
+    assert all(s["sg_loss_last"] is not None for s in summary["per_stage"][:-1])
+
+
 def test_backprop_parity_with_one_process(tmp_path: Path, mnist_dir: Path) -> None:
     run = tmp_path / "run"
     ok(torchrun(2, ["--stages", "2", "--mode", "backprop", "--steps", "1", "--save-grads-step", "0",
