@@ -146,7 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--run-dir", default=d.run_dir, help=f"output folder (default: {d.run_dir})")
     a("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps; 0 = at the end (default: 0)")
     a("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
-    a("--data-dir", default=None, help="data folder (default: $DNI_ASYNC_DATA)")
+    a("--data-dir", default=None,
+      help="data folder (default: $DNI_ASYNC_DATA; for MNIST then ~/.cache/dni_async/mnist, a download, "
+           "the bundled subset)")
     a("--bind", default=d.bind, help=f"address data-plane sockets bind to (default: {d.bind})")
     a("--advertise", default=None, help="address peers use to reach this host (default: --bind)")
     a("--queue-size", type=int, default=d.queue_size, help=f"inbound queue bound, messages (default: {d.queue_size})")

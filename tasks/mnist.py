@@ -18,13 +18,15 @@ from tqdm import tqdm
 
 from dni_async import DNI
 from dni_async.config import PipelineConfig
-from dni_async.data import load_mnist
+from dni_async.data import load_mnist_with_source
 from dni_async.pipeline import PipelineTask
 
 __all__ = ["mnist_fcn", "fcn_blocks", "cnn_blocks", "pipeline_task", "evaluate", "train", "main"]
 
 log = logging.getLogger("tasks.mnist")
 MODES = ("backprop", "dni", "cdni")
+DATA_HELP = ("folder with the MNIST files (default: $DNI_ASYNC_DATA, else ~/.cache/dni_async/mnist, "
+             "else a download into it, else the bundled 6,000/1,000-image subset)")
 SG_TARGETS = ("batch", "raw")
 
 
@@ -83,6 +85,18 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, seed
             done += 1
 
 
+def load_splits(data_dir: str | None) -> tuple[Batch, Batch, str]:
+    """Train and test splits and the data set's name (``mnist``, or ``mnist-subset`` for the bundled fallback).
+
+    With no folder named (``data_dir`` None, ``$DNI_ASYNC_DATA`` unset) the
+    loader tries the user cache, then a download, then the bundled subset.
+    """
+    x_train, y_train, train_source = load_mnist_with_source(data_dir, "train")
+    x_test, y_test, test_source = load_mnist_with_source(data_dir, "test")
+    dataset = train_source if train_source == test_source else f"{train_source}+{test_source}"
+    return (x_train, y_train), (x_test, y_test), dataset
+
+
 def pipeline_task(config: PipelineConfig) -> PipelineTask:
     """``mnist-fcn`` or ``mnist-cnn`` for the multi-process runtime (blocks built from ``config.seed``).
 
@@ -95,12 +109,11 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
         blocks = fcn_blocks(config.hidden_size, config.num_layers)
 
     def data() -> tuple[Iterator[Batch], int, list[Batch], str]:
-        x_train, y_train = load_mnist(config.data_dir, "train")
-        x_test, y_test = load_mnist(config.data_dir, "test")
+        (x_train, y_train), (x_test, y_test), dataset = load_splits(config.data_dir)
         per_epoch = len(x_train) // config.batch_size
         steps = config.steps if config.steps is not None else max(1, int(config.epochs * per_epoch))
         evals = [(x_test[i:i + 1000], y_test[i:i + 1000]) for i in range(0, len(x_test), 1000)]
-        return _batches(x_train, y_train, config.batch_size, steps, config.seed), steps, evals, "mnist"
+        return _batches(x_train, y_train, config.batch_size, steps, config.seed), steps, evals, dataset
 
     return PipelineTask(name=config.task, blocks=blocks, loss_fn=F.cross_entropy, input_shape=(1, 28, 28),
                         num_classes=10, data=data)
@@ -127,7 +140,7 @@ def train(mode: str, data_dir: str | None, epochs: int = 1, batch_size: int = 12
     Args:
         mode: ``backprop``, ``dni`` (λ=0: every leaf module but the output
             layer update-unlocked by a linear SG) or ``cdni`` (``dni`` with the one-hot label as SG context).
-        data_dir: folder with the MNIST files (None: ``$DNI_ASYNC_DATA``).
+        data_dir: folder with the MNIST files (None: see ``load_splits``).
         epochs: passes over the training set.
         batch_size: minibatch size.
         lr: Adam learning rate of the network.
@@ -146,8 +159,7 @@ def train(mode: str, data_dir: str | None, epochs: int = 1, batch_size: int = 12
     if sg_targets not in SG_TARGETS:
         raise ValueError(f"sg_targets must be one of {SG_TARGETS}, got {sg_targets!r}")
     torch.manual_seed(seed)
-    x_train, y_train = load_mnist(data_dir, "train")
-    x_test, y_test = load_mnist(data_dir, "test")
+    (x_train, y_train), (x_test, y_test), dataset = load_splits(data_dir)
     if model_kind not in ("fcn", "cnn"):
         raise ValueError(f"model_kind must be fcn or cnn, got {model_kind!r}")
     model = mnist_fcn(hidden_size, num_layers) if model_kind == "fcn" else nn.Sequential(*cnn_blocks(hidden_size))
@@ -180,7 +192,7 @@ def train(mode: str, data_dir: str | None, epochs: int = 1, batch_size: int = 12
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     wall = time.perf_counter() - start
-    return {"accuracy": evaluate(model, x_test, y_test), "wall_s": wall, "steps": steps}
+    return {"accuracy": evaluate(model, x_test, y_test), "wall_s": wall, "steps": steps, "dataset": dataset}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mode", choices=MODES, default="dni", help="training method (default: dni)")
     parser.add_argument("--model", choices=("fcn", "cnn"), default="fcn",
                         help="fcn: the MLP; cnn: 3 conv blocks + linear, --hidden-size = channels (default: fcn)")
-    parser.add_argument("--data-dir", default=None, help="folder with the MNIST files (else $DNI_ASYNC_DATA)")
+    parser.add_argument("--data-dir", default=None, help=DATA_HELP)
     parser.add_argument("--epochs", type=int, default=1, help="passes over the training set (default: 1)")
     parser.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: 128)")
     parser.add_argument("--lr", type=float, default=3e-4, help="network learning rate, Adam (default: 3e-4)")

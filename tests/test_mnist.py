@@ -14,6 +14,13 @@ from dni_async.data.mnist import read_idx
 from tasks.mnist import train
 
 
+@pytest.fixture(autouse=True)
+def _no_user_cache_or_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test off the real user cache and the internet."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("DNI_ASYNC_MNIST_MIRRORS", "")
+
+
 def write_idx(path: Path, array: torch.Tensor, declared: tuple[int, ...] | None = None,
               magic: bytes = b"\0\0\x08") -> None:
     shape = declared or tuple(array.shape)
@@ -85,3 +92,13 @@ def test_one_epoch_of_dni_reaches_90_percent(mnist_dir: Path, mode: str) -> None
     """3 hidden layers of 256 with BatchNorm, every hidden unit update-unlocked, 1 epoch."""
     result = train(mode, str(mnist_dir), epochs=1, progress=False)
     assert result["accuracy"] >= 0.90, result
+
+
+def test_corrupt_gzip_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "t10k-images-idx3-ubyte.gz"
+    bad.write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\x03abc")[:-6])  # truncated stream
+    with pytest.raises(ValueError, match="t10k-images.*corrupt gzip"):
+        read_idx(bad)
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="corrupt gzip"):
+        read_idx(bad)

@@ -20,12 +20,13 @@ from tasks.mnist import _batches, fcn_blocks
 SMALL = ["--hidden-size", "64", "--num-layers", "2", "--no-progress", "--log-every", "5"]
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def torchrun(nproc: int, args: list[str], timeout: float = 120,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run launch/pipeline.py under torchrun with a hard timeout; the whole process group dies on expiry."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(ROOT / "launch" / "pipeline.py"), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -98,6 +99,18 @@ def test_cnn_task_with_conv_sgs(tmp_path: Path, mnist_dir: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task"] == "mnist-cnn" and summary["final_eval"]["accuracy"] > 0.3
     assert all(s["sg_loss_last"] is not None for s in summary["per_stage"][:-1])
+
+
+def test_default_task_falls_back_to_the_bundled_subset(tmp_path: Path) -> None:
+    """No --data-dir, no $DNI_ASYNC_DATA, empty cache, no mirrors: the bundled subset, recorded as such."""
+    env = {k: v for k, v in os.environ.items() if k != "DNI_ASYNC_DATA"}
+    env.update(HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "cache"), DNI_ASYNC_MNIST_MIRRORS="")
+    run = tmp_path / "run"
+    result = torchrun(2, ["--stages", "2", "--steps", "20", "--run-dir", str(run), *SMALL], env=env)
+    ok(result)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dataset"] == "mnist-subset" and summary["final_eval"]["examples"] == 1000
+    assert "using the bundled MNIST subset" in result.stderr
 
 
 def test_backprop_parity_with_one_process(tmp_path: Path, mnist_dir: Path) -> None:

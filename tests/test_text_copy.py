@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from dni_async.data.copy import copy_batch
 from dni_async.data.text import EOS, UNK, Corpus, Vocabulary, batchify
 

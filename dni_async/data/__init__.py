@@ -1,5 +1,15 @@
-"""Data sets for the tasks: loaders that take a directory (or ``$DNI_ASYNC_DATA``)."""
+"""Data sets for the tasks: loaders that take a directory, ``$DNI_ASYNC_DATA``, the user cache or a download."""
 
-from .mnist import MNIST_FILES, load_mnist, resolve_data_dir
+from .download import MnistDownloadError, download_files, mnist_cache_dir
+from .mnist import (
+    MNIST_FILES,
+    SOURCE_MNIST,
+    SOURCE_SUBSET,
+    MnistData,
+    load_mnist,
+    load_mnist_with_source,
+    resolve_data_dir,
+)
 
-__all__ = ["MNIST_FILES", "load_mnist", "resolve_data_dir"]
+__all__ = ["MNIST_FILES", "SOURCE_MNIST", "SOURCE_SUBSET", "MnistData", "MnistDownloadError", "download_files",
+           "load_mnist", "load_mnist_with_source", "mnist_cache_dir", "resolve_data_dir"]

@@ -1,0 +1,90 @@
+"""Cut the bundled MNIST subset (the first N train and M test images) from the full IDX files."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import os
+import struct
+from pathlib import Path
+from typing import Sequence
+
+from .mnist import MNIST_FILES, SUBSET_DIR, _find_split, _parse_idx, _read_bytes
+
+__all__ = ["SUBSET_MAX_BYTES", "SUBSET_TEST", "SUBSET_TRAIN", "main", "make_subset"]
+
+SUBSET_TRAIN, SUBSET_TEST = 6000, 1000
+#: The most the subset's files may take together (the package must stay small).
+SUBSET_MAX_BYTES = 2 * 1024 * 1024
+
+
+def _head(path: Path, n: int) -> bytes:
+    """The IDX file at ``path``, validated, cut to its first ``n`` records (header rewritten)."""
+    data = _read_bytes(path)
+    shape, _, body = _parse_idx(data, path)
+    if shape[0] < n:
+        raise ValueError(f"{path}: holds {shape[0]} records, fewer than the {n} asked for")
+    record = len(body) // shape[0] if shape[0] else 0
+    return data[:4] + struct.pack(f">{len(shape)}I", n, *shape[1:]) + body[:n * record]
+
+
+def make_subset(src: str | os.PathLike[str], dst: str | os.PathLike[str] = SUBSET_DIR, n_train: int = SUBSET_TRAIN,
+                n_test: int = SUBSET_TEST) -> dict[str, int]:
+    """Write the first ``n_train`` / ``n_test`` images and labels of MNIST as IDX ``.gz`` files.
+
+    The output is deterministic (gzip level 9, no time stamp or file name in the header), so rerunning it
+    on the published files reproduces the bundled subset. A ``SHA256SUMS`` of the written files goes beside
+    them.
+
+    Args:
+        src: folder with the full MNIST files (as ``load_mnist`` finds them: plainly, ``mnist/``, ``MNIST/raw``).
+        dst: output folder (created); default the package's ``mnist_subset/``.
+        n_train: training images to keep (the first ones, in file order).
+        n_test: test images to keep.
+
+    Returns:
+        File name -> size in bytes of each ``.gz`` written.
+
+    Raises:
+        FileNotFoundError: when ``src`` lacks a file.
+        ValueError: for a malformed source file, too few records, or a subset over ``SUBSET_MAX_BYTES``.
+    """
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes: dict[str, int] = {}
+    sums = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        tried: list[str] = []
+        files = _find_split(Path(src), split, tried)
+        if files is None:
+            raise FileNotFoundError(f"MNIST {split} files not found; tried: {', '.join(tried)}")
+        for stem, path in zip(MNIST_FILES[split], files):
+            blob = gzip.compress(_head(path, n), compresslevel=9, mtime=0)
+            name = stem + ".gz"
+            (out / name).write_bytes(blob)
+            sizes[name] = len(blob)
+            sums.append(f"{hashlib.sha256(blob).hexdigest()}  {name}\n")
+    (out / "SHA256SUMS").write_text("".join(sums))
+    total = sum(sizes.values())
+    if total > SUBSET_MAX_BYTES:
+        raise ValueError(f"the subset takes {total} bytes, over the {SUBSET_MAX_BYTES} allowed; keep fewer images")
+    return sizes
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m dni_async.data.make_subset SRC [DST] [--train N] [--test M]``."""
+    parser = argparse.ArgumentParser(prog="python -m dni_async.data.make_subset", description=__doc__)
+    parser.add_argument("src", help="folder with the full MNIST IDX files")
+    parser.add_argument("dst", nargs="?", default=str(SUBSET_DIR), help="output folder (default: %(default)s)")
+    parser.add_argument("--train", type=int, default=SUBSET_TRAIN, help="training images (default: %(default)s)")
+    parser.add_argument("--test", type=int, default=SUBSET_TEST, help="test images (default: %(default)s)")
+    args = parser.parse_args(argv)
+    sizes = make_subset(args.src, args.dst, args.train, args.test)
+    for name, size in sizes.items():
+        print(f"{size:>9}  {name}")
+    print(f"{sum(sizes.values()):>9}  total (limit {SUBSET_MAX_BYTES})")
+
+
+if __name__ == "__main__":
+    main()
