@@ -100,8 +100,8 @@ def _clear_outputs(run_dir: Path) -> None:
             shutil.rmtree(run_dir / folder)
 
 
-def validate(task: PipelineTask, config: PipelineConfig) -> list[nn.Sequential]:
-    """Check what can be checked before any process starts; return the stages.
+def validate(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequential], list[torch.Size]]:
+    """Check what can be checked before any process starts; return the stages and their output shapes.
 
     Raises:
         ValueError: more stages than blocks, a device that is not there, stage
@@ -110,8 +110,7 @@ def validate(task: PipelineTask, config: PipelineConfig) -> list[nn.Sequential]:
     for i, device in enumerate(config.devices or []):
         resolve_device(device, i)
     stages = partition(task.blocks, config.stages)
-    check_stage_shapes(stages, torch.zeros(2, *task.input_shape))
-    return stages
+    return stages, check_stage_shapes(stages, torch.zeros(2, *task.input_shape))
 
 
 def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] | None:
@@ -124,7 +123,7 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         ValueError: for bad input, before any training.
         LaunchError: outside torchrun or with a world size other than ``config.stages``.
     """
-    stages = validate(task, config)
+    stages, shapes = validate(task, config)
     env = init_stage(config.stages, config.devices)
     setup_logging(env.rank)
     torch.set_num_threads(config.threads_per_stage)
@@ -138,9 +137,8 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         last = env.rank == config.stages - 1
         sg = None
         if config.mode != "backprop" and not last:
-            shape = check_stage_shapes(stages[:env.rank + 1], torch.zeros(2, *task.input_shape))[-1][1:]
             context = task.num_classes if config.mode == "cdni" else 0
-            sg = build_sg(config.sg, tuple(shape), config.sg_hidden, context).to(env.device)
+            sg = build_sg(config.sg, tuple(shapes[env.rank][1:]), config.sg_hidden, context).to(env.device)
         options = TransportOptions(bind_host=config.bind, advertise_host=config.advertise,
                                    queue_size=config.queue_size, peer_timeout=config.peer_timeout)
         transport = make_transport(config.transport, env.rank, config.stages, options)

@@ -80,6 +80,8 @@ class StageWorker:
         self._window: list[int] = []               # staleness values since the last metrics line
         self._window_start = time.perf_counter()
         self._event_buffer: list[dict[str, Any]] = []
+        self._loss: torch.Tensor | None = None       # latest loss (last stage) / SG loss, as tensors
+        self._sg_loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------ entry points
 
@@ -129,7 +131,7 @@ class StageWorker:
         if self.last:
             loss = self.loss_fn(h, y)
             loss.backward()
-            self.stats.loss_last = self.latest["loss"] = float(loss.detach())
+            self._loss = loss.detach()  # read out at log time: float() here would sync a GPU every step
         else:
             comm += self._send(self.stage + 1, Message("act", t, self.stage, [h.detach(), y]))
             ctx = F.one_hot(y, self.num_classes).float() if self.config.mode == "cdni" else None
@@ -213,7 +215,7 @@ class StageWorker:
         self.sg_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.sg_opt.step()
-        self.stats.sg_loss_last = float(loss.detach())
+        self._sg_loss = loss.detach()
         self.stats.busy_s += time.perf_counter() - start
         self._event("sg_update", msg.step)
 
@@ -273,6 +275,7 @@ class StageWorker:
                 self._on_backward(msg, self.stats.steps)
         if not self.first:
             self._send(self.stage - 1, Message("stop", self.stats.steps, self.stage))
+        self._read_losses()
         self._flush_events()
 
     # -------------------------------------------------------------- helpers
@@ -315,7 +318,15 @@ class StageWorker:
             self.events.write(event)
         self._event_buffer.clear()
 
+    def _read_losses(self) -> None:
+        """Turn the latest loss tensors into floats (a CPU-GPU sync point: only at log time and at the end)."""
+        if self._loss is not None:
+            self.stats.loss_last = self.latest["loss"] = float(self._loss)
+        if self._sg_loss is not None:
+            self.stats.sg_loss_last = float(self._sg_loss)
+
     def _log_metrics(self, t: int) -> None:
+        self._read_losses()
         now = time.perf_counter()
         line: dict[str, Any] = {
             "stage": self.stage, "step": t, "time": time.time(),

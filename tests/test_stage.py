@@ -95,6 +95,7 @@ def test_blocked_forward_send_consumes_gradients(tmp_path: Path) -> None:
     transport.blocked_sends = 1
     worker._send_eval([batch()])
     assert transport.inbox["backward"] == [], "gradients were consumed while the send was blocked"
+    worker._read_losses()
     assert worker.stash == {} and worker.stats.sg_loss_last is not None
 
 
