@@ -20,6 +20,7 @@ from dni_async import DNI
 from dni_async.config import PipelineConfig
 from dni_async.data import load_mnist_with_source
 from dni_async.pipeline import PipelineTask
+from dni_async.stage import Batch
 
 __all__ = ["mnist_fcn", "fcn_blocks", "cnn_blocks", "pipeline_task", "evaluate", "train", "main"]
 
@@ -66,9 +67,6 @@ def cnn_blocks(channels: int = 32) -> list[nn.Module]:
 
     return [conv(1, channels, True), conv(channels, 2 * channels, True), conv(2 * channels, 2 * channels, False),
             nn.Sequential(nn.Flatten(), nn.Linear(2 * channels * 7 * 7, 10))]
-
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, seed: int) -> Iterator[Batch]:

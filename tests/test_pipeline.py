@@ -20,11 +20,12 @@ from tasks.mnist import _batches, fcn_blocks
 SMALL = ["--hidden-size", "64", "--num-layers", "2", "--no-progress", "--log-every", "5"]
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 120,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run launch/pipeline.py under torchrun with a hard timeout; the whole process group dies on expiry."""
+def torchrun(nproc: int, args: list[str], timeout: float = 120, env: dict[str, str] | None = None,
+             script: Path = ROOT / "launch" / "pipeline.py") -> subprocess.CompletedProcess[str]:
+    """Run ``script`` (default launch/pipeline.py) under torchrun with a hard timeout; the whole process group
+    dies on expiry."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(ROOT / "launch" / "pipeline.py"), *args]
+           str(script), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=env)
     try:
@@ -248,10 +249,8 @@ run_pipeline(task, PipelineConfig(stages=2, mode="dni", batch_size=64, lr=1e-2, 
 def test_python_api_runs_a_users_model(tmp_path: Path) -> None:
     script = tmp_path / "user.py"
     script.write_text(USER_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           str(tmp_path / "run")]
     for _ in range(2):  # the second run into the same folder replaces the first one's outputs
-        ok(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120))
+        ok(torchrun(2, [str(tmp_path / "run")], script=script))
     lines = read_lines(tmp_path / "run" / "metrics.jsonl")
     keys = [(line["stage"], line["step"]) for line in lines if "samples_per_s" in line]
     assert len(keys) == len(set(keys)) == 2 * 15
