@@ -1,7 +1,9 @@
 """dni_async: asynchronous layer-parallel training with Decoupled Neural Interfaces."""
 
 from .interface import DNI
+from .recurrent import TruncatedLSTM
 from .synthetic import RNNDNI, Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
 
-__all__ = ["DNI", "DNINetwork", "LinearDNI", "LinearSigmoidDNI", "LinearBatchNormDNI", "Conv2dDNI", "RNNDNI"]
+__all__ = ["DNI", "DNINetwork", "LinearDNI", "LinearSigmoidDNI", "LinearBatchNormDNI", "Conv2dDNI", "RNNDNI",
+           "TruncatedLSTM"]
 __version__ = "0.1.0"

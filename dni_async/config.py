@@ -8,10 +8,17 @@ from typing import Any, Sequence
 
 from .transport import TRANSPORTS
 
-__all__ = ["MODES", "SG_KINDS", "PipelineConfig", "add_arguments", "config_from_args"]
+__all__ = ["MODES", "SG_KINDS", "TASK_DEFAULTS", "PipelineConfig", "add_arguments", "config_from_args"]
 
 MODES = ("dni", "cdni", "backprop")
 SG_KINDS = ("linear", "mlp", "linear-bn", "linear-sigmoid")
+_MNIST = {"batch_size": 128, "lr": 3e-4, "sg_lr": 3e-3, "hidden_size": 256, "bptt": None}
+_COPY = {"batch_size": 32, "lr": 1e-2, "sg_lr": 1e-2, "hidden_size": 128, "bptt": 3}
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mnist-fcn": _MNIST, "mnist-cnn": {**_MNIST, "hidden_size": 32}, "copy": _COPY, "repeat-copy": _COPY,
+    "lm": {"batch_size": 32, "lr": 3e-3, "sg_lr": 1e-3, "hidden_size": 256, "bptt": 35},
+}
+"""Per-task values of the fields left None (the values the README's results use)."""
 
 
 @dataclass(kw_only=True)
@@ -28,20 +35,26 @@ class PipelineConfig:
     """Training steps; overrides ``epochs``."""
     epochs: float = 1.0
     """Passes over the training set when ``steps`` is not given."""
-    batch_size: int = 128
-    """Minibatch size."""
-    lr: float = 3e-4
-    """Adam learning rate of the stage blocks."""
+    batch_size: int = None  # type: ignore[assignment]
+    """Minibatch size; None: the task's (``TASK_DEFAULTS``)."""
+    lr: float = None  # type: ignore[assignment]
+    """Adam learning rate of the stage blocks; None: the task's."""
     sg: str = "linear"
     """SG kind: ``linear`` (W x W), ``mlp`` (one hidden ReLU layer), ``linear-bn``, ``linear-sigmoid``."""
     sg_hidden: int = 256
     """Hidden width of the ``mlp`` and ``linear-bn`` SGs."""
-    sg_lr: float = 3e-3
-    """Adam learning rate of the SG modules."""
-    hidden_size: int = 256
-    """Width of the task's hidden layers."""
+    sg_lr: float = None  # type: ignore[assignment]
+    """Adam learning rate of the SG modules; None: the task's."""
+    hidden_size: int = None  # type: ignore[assignment]
+    """Width of the task's hidden layers (channels of the CNN's first block); None: the task's."""
     num_layers: int = 3
-    """Hidden layers of the task's model."""
+    """Hidden layers of the task's model (LSTM layers for copy, repeat-copy, lm)."""
+    bptt: int | None = None
+    """Recurrent tasks: truncation length in time steps; None: the task's default (copy 3, lm 35)."""
+    max_repeats: int = 3
+    """repeat-copy: each batch's repeat count is drawn from 1..max_repeats."""
+    vocab_size: int = 10000
+    """lm: largest vocabulary (most frequent training words; the rest become <unk>)."""
     devices: list[str] | None = None
     """Device of each stage (``cpu`` or a GPU id); None: GPU ``LOCAL_RANK`` when CUDA is available, else cpu."""
     threads_per_stage: int = 1
@@ -80,6 +93,9 @@ class PipelineConfig:
     """Testing hook: save each stage's parameter gradients of this step under ``run_dir/grads``."""
 
     def __post_init__(self) -> None:
+        for name, value in TASK_DEFAULTS.get(self.task, _MNIST).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.stages < 1:
             raise ValueError(f"--stages must be >= 1, got {self.stages}")
         if self.mode not in MODES:
@@ -92,13 +108,18 @@ class PipelineConfig:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
         if self.epochs <= 0:
             raise ValueError(f"--epochs must be > 0, got {self.epochs}")
-        for name in ("batch_size", "sg_hidden", "hidden_size", "num_layers", "queue_size", "stash_size", "log_every"):
+        for name in ("batch_size", "sg_hidden", "hidden_size", "num_layers", "queue_size", "stash_size", "log_every",
+                     "max_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.threads_per_stage < 1:
             raise ValueError(f"--threads-per-stage must be >= 1, got {self.threads_per_stage}")
         if self.lr <= 0 or self.sg_lr <= 0:
             raise ValueError("--lr and --sg-lr must be > 0")
+        if self.bptt is not None and self.bptt < 1:
+            raise ValueError(f"--bptt must be >= 1, got {self.bptt}")
+        if self.vocab_size < 3:
+            raise ValueError(f"--vocab-size must be >= 3 (<unk>, <eos> and a word), got {self.vocab_size}")
         if self.max_in_flight < 0:
             raise ValueError(f"--max-in-flight must be >= 0, got {self.max_in_flight}")
         if self.eval_every < 0:
@@ -121,6 +142,10 @@ def _stage_values(text: str) -> dict[int, float]:
     return out
 
 
+def _task_defaults(name: str) -> str:
+    return ", ".join(f"{task} {values[name]}" for task, values in TASK_DEFAULTS.items() if values[name] is not None)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per config field (defaults from ``PipelineConfig``)."""
     d = PipelineConfig()
@@ -130,13 +155,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--task", default=d.task, help=f"task to train (default: {d.task})")
     a("--steps", type=int, default=None, help="training steps (default: --epochs worth)")
     a("--epochs", type=float, default=d.epochs, help=f"passes over the training set (default: {d.epochs})")
-    a("--batch-size", type=int, default=d.batch_size, help=f"minibatch size (default: {d.batch_size})")
-    a("--lr", type=float, default=d.lr, help=f"Adam learning rate of the stages (default: {d.lr})")
+    a("--batch-size", type=int, default=None,
+      help=f"minibatch size (default: the task's: {_task_defaults('batch_size')})")
+    a("--lr", type=float, default=None,
+      help=f"Adam learning rate of the stages (default: the task's: {_task_defaults('lr')})")
     a("--sg", choices=SG_KINDS, default=d.sg, help=f"synthetic-gradient module kind (default: {d.sg})")
     a("--sg-hidden", type=int, default=d.sg_hidden, help=f"hidden width of mlp/linear-bn SGs (default: {d.sg_hidden})")
-    a("--sg-lr", type=float, default=d.sg_lr, help=f"Adam learning rate of the SGs (default: {d.sg_lr})")
-    a("--hidden-size", type=int, default=d.hidden_size, help=f"hidden layer width (default: {d.hidden_size})")
-    a("--num-layers", type=int, default=d.num_layers, help=f"hidden layers (default: {d.num_layers})")
+    a("--sg-lr", type=float, default=None,
+      help=f"Adam learning rate of the SGs (default: the task's: {_task_defaults('sg_lr')})")
+    a("--hidden-size", type=int, default=None,
+      help=f"hidden layer width; channels of the CNN's first block (default: {_task_defaults('hidden_size')})")
+    a("--num-layers", type=int, default=d.num_layers,
+      help=f"hidden layers; LSTM layers for copy, repeat-copy, lm (default: {d.num_layers})")
+    a("--bptt", type=int, default=None,
+      help=f"copy, repeat-copy, lm: truncation length (default: {_task_defaults('bptt')})")
+    a("--max-repeats", type=int, default=d.max_repeats,
+      help=f"repeat-copy: repeat counts are drawn from 1..N (default: {d.max_repeats})")
+    a("--vocab-size", type=int, default=d.vocab_size, help=f"lm: largest vocabulary (default: {d.vocab_size})")
     a("--devices", default=None,
       help="comma list, stage i -> item i: 'cpu' or a GPU id (default: GPU LOCAL_RANK if CUDA, else cpu)")
     a("--threads-per-stage", type=int, default=d.threads_per_stage,

@@ -6,9 +6,8 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,31 +17,14 @@ from .config import PipelineConfig
 from .metrics import JsonLines, steady_samples_per_s, write_json_atomic
 from .partition import check_stage_shapes, partition
 from .runtime import AbortWatchdog, StageEnv, gather_json, init_stage, resolve_device, shutdown
-from .stage import Batch, StageWorker
+from .stage import StageWorker
 from .synthetic import Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
+from .task import PipelineTask
 from .transport import TransportOptions, make_transport
 
 __all__ = ["PipelineTask", "build_sg", "run_pipeline", "setup_logging", "validate"]
 
 log = logging.getLogger("dni_async")
-
-
-@dataclass(kw_only=True)
-class PipelineTask:
-    """What the runtime needs from a task: the model as blocks, a loss, data, and shapes."""
-
-    name: str
-    """Task name, recorded in summary.json."""
-    blocks: list[nn.Module]
-    """The model as a sequence of blocks; the runtime splits them into balanced stages."""
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    """``(output, labels) -> mean loss`` on the last stage."""
-    input_shape: tuple[int, ...]
-    """Shape of one input example (checked through the stages before training)."""
-    num_classes: int
-    """Label count (the cDNI context size)."""
-    data: Callable[[], tuple[Iterator[Batch], int, list[Batch], str]]
-    """Called on stage 0 only: ``(train batches, steps, eval batches, dataset name)``."""
 
 
 def build_sg(kind: str, shape: int | tuple[int, ...], hidden: int, context_size: int) -> DNINetwork:
@@ -110,7 +92,7 @@ def validate(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequen
     for i, device in enumerate(config.devices or []):
         resolve_device(device, i)
     stages = partition(task.blocks, config.stages)
-    return stages, check_stage_shapes(stages, torch.zeros(2, *task.input_shape))
+    return stages, check_stage_shapes(stages, torch.zeros(2, *task.input_shape, dtype=task.input_dtype))
 
 
 def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] | None:
@@ -153,23 +135,22 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         _stage_file(config, env, endpoint, "running")
         metrics = JsonLines(run_dir / "metrics.jsonl")
         events = JsonLines(run_dir / "events" / f"stage-{env.rank}.jsonl")
-        worker = StageWorker(env.rank, config.stages, block, transport, config, env.device, task.loss_fn, sg,
-                             task.num_classes, metrics, events)
+        worker = StageWorker(env.rank, config.stages, block, transport, config, env.device, task, sg, metrics, events)
         torch.distributed.barrier()
         start = time.perf_counter()
         dataset = None
         if env.is_main:
-            batches, steps, eval_batches, dataset = task.data()
+            batches, steps, eval_data, dataset = task.data()
             bar = tqdm(total=steps, disable=not config.progress, desc=f"{config.mode} x{config.stages}", unit="step")
 
-            def on_step(t: int, latest: dict[str, float]) -> None:
+            def on_step(t: int, latest: dict[str, Any]) -> None:
                 bar.update(1)
                 rate = steady_samples_per_s(worker.stats.step_times, config.batch_size, 0.0)
                 post = {"samples/s": f"{rate:.0f}" if rate else "-"}
-                post.update({k: f"{v:.3f}" for k, v in latest.items()})
+                post.update({k: f"{v:.3f}" for k, v in latest.items() if isinstance(v, float)})
                 bar.set_postfix(post, refresh=False)
 
-            worker.run_first(batches, steps, eval_batches, on_step)
+            worker.run_first(batches, steps, eval_data, on_step)
             bar.close()
         else:
             worker.run_next()
@@ -178,7 +159,8 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         events.close()
         report = {"per_stage": worker.stats.summary(transport.stats, wall), "final_eval": worker.final_eval,
                   "samples_per_s": steady_samples_per_s(worker.stats.step_times, config.batch_size),
-                  "dataset": dataset}
+                  "dataset": dataset, "evals": worker.evals,
+                  "task_result": task.result() if env.is_main and task.result is not None else None}
         _stage_file(config, env, endpoint, "done")
         reports = gather_json(report)
         watchdog.stop()
@@ -188,7 +170,8 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
                 "mode": config.mode, "task": task.name, "stages": config.stages, "transport": config.transport,
                 "steps": reports[0]["per_stage"]["steps"], "batch_size": config.batch_size,
                 "wall_s": round(wall, 3), "samples_per_s": reports[-1]["samples_per_s"],
-                "final_eval": reports[-1]["final_eval"], "dataset": reports[0]["dataset"],
+                "final_eval": reports[-1]["final_eval"], "evals": reports[-1]["evals"],
+                "task_result": reports[0]["task_result"], "dataset": reports[0]["dataset"],
                 "threads_per_stage": config.threads_per_stage,
                 "per_stage": [r["per_stage"] for r in reports], "config": config.to_dict(),
             }

@@ -14,13 +14,14 @@ from torch import nn
 
 from .config import PipelineConfig
 from .metrics import JsonLines, StageStats, rss_mb
+from .recurrent import reset_states
 from .synthetic import DNINetwork
+from .task import EvalData, Item, PipelineTask, unpack
 from .transport import Message, Transport
 
-__all__ = ["StageWorker", "Batch"]
+__all__ = ["StageWorker"]
 
 log = logging.getLogger("dni_async")
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 # [Note: the stage loop]
 #
@@ -39,6 +40,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 # the last stage answers with `stop` backward, and each stage passes that back
 # once it has drained every gradient queued before it (channels keep order), so
 # no gradient is lost. `eval` batches travel forward like activations, in order.
+# An item's meta (PipelineTask) travels with its act/eval message: `reset`
+# restarts recurrent state on every stage, `last` closes a scored group.
 #
 # Hazard: sends may be zero-copy, so a tensor handed to `send` is never written
 # again: h_t.detach() shares storage with h_t, which nothing modifies in place.
@@ -54,29 +57,29 @@ class StageWorker:
         transport: connected channels to the neighbours.
         config: the run's config.
         device: where the block lives.
-        loss_fn: ``(output, labels) -> loss`` (used by the last stage).
+        task: the task (loss, cDNI context, metrics; ``task.latest`` receives the relayed figures).
         sg: this stage's SG module (None on the last stage and in backprop mode).
-        num_classes: size of the one-hot label context in ``cdni``.
         metrics: the shared metrics.jsonl writer.
         events: this stage's event log.
     """
 
     def __init__(self, stage: int, num_stages: int, block: nn.Module, transport: Transport, config: PipelineConfig,
-                 device: torch.device, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 sg: DNINetwork | None, num_classes: int, metrics: JsonLines, events: JsonLines) -> None:
+                 device: torch.device, task: PipelineTask, sg: DNINetwork | None, metrics: JsonLines,
+                 events: JsonLines) -> None:
         self.stage, self.num_stages = stage, num_stages
         self.first, self.last = stage == 0, stage == num_stages - 1
         self.block, self.transport, self.config, self.device = block, transport, config, device
-        self.loss_fn, self.sg, self.num_classes = loss_fn, sg, num_classes
+        self.task, self.sg = task, sg
         self.opt = torch.optim.Adam(block.parameters(), lr=config.lr)
         self.sg_opt = torch.optim.Adam(sg.parameters(), lr=config.sg_lr) if sg is not None else None
         self.metrics, self.events = metrics, events
         self.stats = StageStats(stage=stage, device=str(device))
         self.stash: OrderedDict[int, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self.delay = config.slow_stage.get(stage, 0.0)
-        self.latest: dict[str, float] = {}        # loss / eval accuracy relayed back from the last stage
-        self.final_eval: dict[str, float] | None = None
-        self._eval_correct = self._eval_total = 0
+        self.latest = task.latest                  # loss / eval / train figures relayed back from the last stage
+        self.final_eval: dict[str, Any] | None = None
+        self.evals: dict[str, dict[str, Any]] = {}   # latest eval summary of each split
+        self._sums: dict[str, dict[str, float]] = {"eval": {}, "train": {}}
         self._window: list[int] = []               # staleness values since the last metrics line
         self._window_start = time.perf_counter()
         self._event_buffer: list[dict[str, Any]] = []
@@ -85,17 +88,17 @@ class StageWorker:
 
     # ------------------------------------------------------------ entry points
 
-    def run_first(self, batches: Iterator[Batch], steps: int, eval_batches: list[Batch],
-                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
+    def run_first(self, batches: Iterator[Item], steps: int, eval_data: EvalData,
+                  on_step: Callable[[int, dict[str, Any]], None] | None = None) -> None:
         """Stage 0: read the data, train ``steps`` steps, evaluate, stop the pipeline."""
         for t in range(steps):
             if self.config.eval_every and t and t % self.config.eval_every == 0:
-                self._send_eval(eval_batches)
-            x, y = next(batches)
-            self._train_step(t, x, y)
+                self._send_eval(eval_data, final=False)
+            x, y, meta = unpack(next(batches))
+            self._train_step(t, x, y, meta)
             if on_step is not None:
                 on_step(t, self.latest)
-        self._send_eval(eval_batches)
+        self._send_eval(eval_data, final=True)
         self._finish()
 
     def run_next(self) -> None:
@@ -104,7 +107,7 @@ class StageWorker:
             msg = self._recv("forward")
             if msg.kind == "act":
                 x, y = msg.tensors
-                self._train_step(msg.step, x, y)
+                self._train_step(msg.step, x, y, msg.meta)
             elif msg.kind == "eval":
                 self._eval_step(msg)
             elif msg.kind == "stop":
@@ -115,7 +118,7 @@ class StageWorker:
 
     # --------------------------------------------------------------- the loop
 
-    def _train_step(self, t: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _train_step(self, t: int, x: torch.Tensor, y: torch.Tensor, meta: dict[str, Any]) -> None:
         start = time.perf_counter()
         if self.delay:
             time.sleep(self.delay)
@@ -126,15 +129,19 @@ class StageWorker:
             x.requires_grad_(True)
         comm = self._wait_for_window(t)
         self.block.train()
+        if meta.get("reset"):
+            reset_states(self.block, training=True)
         h = self.block(x)
         self._event("forward", t)
         if self.last:
-            loss = self.loss_fn(h, y)
+            loss = self.task.loss_fn(h, y)
             loss.backward()
             self._loss = loss.detach()  # read out at log time: float() here would sync a GPU every step
+            if self.task.train_metrics:
+                self._score("train", h.detach(), y, meta)
         else:
-            comm += self._send(self.stage + 1, Message("act", t, self.stage, [h.detach(), y]))
-            ctx = F.one_hot(y, self.num_classes).float() if self.config.mode == "cdni" else None
+            comm += self._send(self.stage + 1, Message("act", t, self.stage, [h.detach(), y], meta))
+            ctx = self.task.context(y) if self.config.mode == "cdni" else None
             if self.config.mode == "backprop":
                 waited = time.perf_counter()
                 g = self._wait_grad(t)
@@ -232,35 +239,52 @@ class StageWorker:
     # ------------------------------------------------------------------ eval
 
     @torch.no_grad()
-    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _eval_forward(self, x: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
         self.block.eval()
+        if meta.get("reset"):
+            reset_states(self.block, training=False)
         out = self.block(x.to(self.device))
         self.block.train()
         return out
 
-    def _send_eval(self, batches: list[Batch]) -> None:
-        for k, (x, y) in enumerate(batches):
-            msg = Message("eval", k, self.stage, [x, y], {"last": k == len(batches) - 1})
-            self._eval_step(msg)
+    def _send_eval(self, eval_data: EvalData, final: bool) -> None:
+        items = eval_data(final) if callable(eval_data) else eval_data
+        for k, item in enumerate(items):
+            x, y, meta = unpack(item)
+            if k == len(items) - 1:
+                meta["last"] = True
+            self._eval_step(Message("eval", k, self.stage, [x, y], meta))
 
     def _eval_step(self, msg: Message) -> None:
         start = time.perf_counter()
         x, y = msg.tensors
-        h = self._eval_forward(x)
+        h = self._eval_forward(x, msg.meta)
         if not self.last:
             self.stats.busy_s += time.perf_counter() - start
             self._send(self.stage + 1, Message("eval", msg.step, self.stage, [h, y], msg.meta))
             return
-        self._eval_correct += int((h.argmax(-1).cpu() == y).sum())
-        self._eval_total += len(y)
-        if msg.meta.get("last"):
-            accuracy = self._eval_correct / max(1, self._eval_total)
-            self.final_eval = {"accuracy": accuracy, "examples": self._eval_total}
-            self.latest["eval_accuracy"] = accuracy
+        summary = self._score("eval", h, y.to(self.device), msg.meta)
+        if summary is not None:
+            self.final_eval = summary
+            if "split" in summary:
+                self.evals[str(summary["split"])] = summary
             self.metrics.write({"stage": self.stage, "step": self.stats.steps, "time": time.time(),
-                                "eval_accuracy": accuracy})
-            self._eval_correct = self._eval_total = 0
+                                **{f"eval_{k}": v for k, v in summary.items()}})
         self.stats.busy_s += time.perf_counter() - start
+
+    def _score(self, group: str, output: torch.Tensor, labels: torch.Tensor,
+               meta: dict[str, Any]) -> dict[str, Any] | None:
+        """Add a batch's metric sums to ``group``; at a ``last`` item, return the group's summary (and relay it)."""
+        sums = self._sums[group]
+        for key, value in self.task.metric_fn(output, labels).items():
+            sums[key] = sums.get(key, 0.0) + value
+        if not meta.get("last"):
+            return None
+        summary: dict[str, Any] = {**self.task.summarize(sums),
+                                   **{k: v for k, v in meta.items() if k not in ("last", "reset")}}
+        sums.clear()
+        self.latest.update({f"{group}_{k}": v for k, v in summary.items()})
+        return summary
 
     # ------------------------------------------------------------- shutdown
 

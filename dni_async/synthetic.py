@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -44,9 +45,10 @@ class DNINetwork(nn.Module):
     implement ``forward(input, hidden=None, context=None) -> (output, hidden)``;
     ``hidden`` is recurrent state for SG modules that keep one (``None``
     otherwise) and ``context`` is an optional conditioning tensor (cDNI), shape
-    ``(batch, context_size)``. A subclass written for the seed project, whose
-    ``forward(input, hidden)`` takes no context, works as long as it is used
-    without context.
+    ``(batch, context_size)``, or one per position, ``(*input.shape[:-1], context_size)``
+    (``LinearDNI`` also takes class ids there, shape ``input.shape[:-1]``). A
+    subclass written for the seed project, whose ``forward(input, hidden)``
+    takes no context, works as long as it is used without context.
 
     Args:
         input_size: features (or channels) of the activation.
@@ -78,10 +80,12 @@ class DNINetwork(nn.Module):
         if context is None:
             raise ValueError(f"{type(self).__name__} was built with context_size={self.context_size} "
                              "but got no context")
-        if context.shape != (input.shape[0], self.context_size):
-            raise ValueError(f"context must have shape ({input.shape[0]}, {self.context_size}), "
-                             f"got {tuple(context.shape)}")
         dim = dim % input.dim()
+        if dim == input.dim() - 1 and context.shape == (*input.shape[:-1], self.context_size):
+            return torch.cat([input, context.to(input.dtype)], dim=-1)  # one context per position
+        if context.shape != (input.shape[0], self.context_size):
+            raise ValueError(f"context must have shape ({input.shape[0]}, {self.context_size}) or "
+                             f"{(*input.shape[:-1], self.context_size)}, got {tuple(context.shape)}")
         view = [input.shape[0]] + [1] * (input.dim() - 1)
         view[dim] = self.context_size
         expand = list(input.shape)
@@ -122,8 +126,24 @@ class LinearDNI(DNINetwork):
     def forward(  # type: ignore[override]
         self, input: torch.Tensor, hidden: Any = None, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Any]:
+        if context is not None and self.context_size and not context.is_floating_point():
+            return self._forward_class_context(input, context), hidden
         x = self._with_context(input, context, dim=-1)
         return self.final(self.hidden(x)), hidden
+
+    def _forward_class_context(self, input: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Context given as class ids (shape ``input.shape[:-1]``): exactly the one-hot context, computed by
+        indexing the first layer's context columns instead of multiplying by a (possibly huge) one-hot."""
+        if classes.shape != input.shape[:-1]:
+            raise ValueError(f"class-id context must have shape {tuple(input.shape[:-1])}, got {tuple(classes.shape)}")
+        layers = [*self.hidden, self.final]
+        first = layers[0]
+        assert isinstance(first, nn.Linear)
+        w_in, w_ctx = first.weight[:, :self.input_size], first.weight[:, self.input_size:]
+        x = F.linear(input, w_in, first.bias) + F.embedding(classes, w_ctx.t())
+        for layer in layers[1:]:
+            x = layer(x)
+        return x
 
 
 class LinearSigmoidDNI(LinearDNI):

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         task = get_pipeline_task(config)
         validate(task, config)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     if "RANK" not in os.environ:
         from torch.distributed.run import main as torchrun

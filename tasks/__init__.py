@@ -16,7 +16,20 @@ def _mnist(config: PipelineConfig) -> PipelineTask:
     return pipeline_task(config)
 
 
-PIPELINE_TASKS: dict[str, Callable[[PipelineConfig], PipelineTask]] = {"mnist-fcn": _mnist, "mnist-cnn": _mnist}
+def _copy(config: PipelineConfig) -> PipelineTask:
+    from .copy import pipeline_task
+
+    return pipeline_task(config)
+
+
+def _lm(config: PipelineConfig) -> PipelineTask:
+    from .lm import pipeline_task
+
+    return pipeline_task(config)
+
+
+PIPELINE_TASKS: dict[str, Callable[[PipelineConfig], PipelineTask]] = {
+    "mnist-fcn": _mnist, "mnist-cnn": _mnist, "copy": _copy, "repeat-copy": _copy, "lm": _lm}
 
 
 def get_pipeline_task(config: PipelineConfig) -> PipelineTask:

@@ -19,8 +19,7 @@ from tqdm import tqdm
 from dni_async import DNI
 from dni_async.config import PipelineConfig
 from dni_async.data import load_mnist_with_source
-from dni_async.pipeline import PipelineTask
-from dni_async.stage import Batch
+from dni_async.task import Batch, PipelineTask
 
 __all__ = ["mnist_fcn", "fcn_blocks", "cnn_blocks", "pipeline_task", "evaluate", "train", "main"]
 

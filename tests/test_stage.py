@@ -14,6 +14,7 @@ from dni_async.config import PipelineConfig
 from dni_async.metrics import JsonLines
 from dni_async.pipeline import build_sg
 from dni_async.stage import StageWorker
+from dni_async.task import PipelineTask
 from dni_async.transport import Message, Transport, TransportOptions
 
 
@@ -60,9 +61,10 @@ def first_stage(tmp_path: Path, **overrides: object) -> tuple[StageWorker, Scrip
     config = PipelineConfig(stages=2, mode="dni", run_dir=str(tmp_path), log_every=1000, **overrides)  # type: ignore[arg-type]
     transport = ScriptedTransport(0, 2)
     block = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
-    worker = StageWorker(0, 2, block, transport, config, torch.device("cpu"), F.cross_entropy,
-                         build_sg("linear", 6, 8, 0), 3, JsonLines(tmp_path / "m.jsonl"),
-                         JsonLines(tmp_path / "e.jsonl"))
+    task = PipelineTask(name="test", blocks=[block], loss_fn=F.cross_entropy, input_shape=(4,), num_classes=3,
+                        data=lambda: (iter([]), 0, [], "none"))
+    worker = StageWorker(0, 2, block, transport, config, torch.device("cpu"), task, build_sg("linear", 6, 8, 0),
+                         JsonLines(tmp_path / "m.jsonl"), JsonLines(tmp_path / "e.jsonl"))
     return worker, transport
 
 
@@ -80,7 +82,7 @@ def test_updates_without_waiting_and_sends_activation_first(tmp_path: Path) -> N
     with torch.no_grad():  # a zero-initialised SG predicts exactly 0 at first
         worker.sg.final.weight.normal_()
     before = worker.block[0].weight.detach().clone()
-    worker._train_step(0, *batch())
+    worker._train_step(0, *batch(), {})
     assert [m.kind for m in transport.sent] == ["act"]
     assert not torch.equal(worker.block[0].weight, before), "updated from the SG, no gradient received"
     assert list(worker.stash) == [0]
@@ -89,11 +91,11 @@ def test_updates_without_waiting_and_sends_activation_first(tmp_path: Path) -> N
 def test_blocked_forward_send_consumes_gradients(tmp_path: Path) -> None:
     """The deadlock seen in 4-stage runs: stage 0 blocked sending while stage 1 blocks sending gradients."""
     worker, transport = first_stage(tmp_path)
-    worker._train_step(0, *batch())
-    worker._train_step(1, *batch())
+    worker._train_step(0, *batch(), {})
+    worker._train_step(1, *batch(), {})
     transport.inbox["backward"] = [grad(0), grad(1)]
     transport.blocked_sends = 1
-    worker._send_eval([batch()])
+    worker._send_eval([batch()], final=True)
     assert transport.inbox["backward"] == [], "gradients were consumed while the send was blocked"
     worker._read_losses()
     assert worker.stash == {} and worker.stats.sg_loss_last is not None
@@ -101,19 +103,19 @@ def test_blocked_forward_send_consumes_gradients(tmp_path: Path) -> None:
 
 def test_window_bounds_steps_in_flight(tmp_path: Path) -> None:
     worker, transport = first_stage(tmp_path, max_in_flight=2)
-    worker._train_step(0, *batch())
-    worker._train_step(1, *batch())
+    worker._train_step(0, *batch(), {})
+    worker._train_step(1, *batch(), {})
     transport.inbox["backward"] = [grad(0)]
-    worker._train_step(2, *batch())  # waits for grad(0), which is there
+    worker._train_step(2, *batch(), {})  # waits for grad(0), which is there
     assert sorted(worker.stash) == [1, 2]
     with pytest.raises(AssertionError, match="wait forever"):
-        worker._train_step(3, *batch())  # two in flight and no gradient coming: it must wait
+        worker._train_step(3, *batch(), {})  # two in flight and no gradient coming: it must wait
 
 
 def test_stash_drops_oldest_and_counts(tmp_path: Path) -> None:
     worker, transport = first_stage(tmp_path, max_in_flight=0, stash_size=3)
     for t in range(5):
-        worker._train_step(t, *batch())
+        worker._train_step(t, *batch(), {})
     assert sorted(worker.stash) == [2, 3, 4] and worker.stats.dropped_targets == 2
     transport.inbox["backward"] = [grad(0)]
     worker._drain_grads(5)

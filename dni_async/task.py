@@ -1,0 +1,82 @@
+"""What the runtime needs from a task: the model as blocks, a loss, data, and how to score outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Batch", "Item", "EvalData", "PipelineTask", "unpack", "class_counts", "accuracy"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Item = Union[Batch, tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]
+"""``(inputs, labels)`` or ``(inputs, labels, meta)``; see :class:`PipelineTask` for what ``meta`` may hold."""
+EvalData = Union[list[Item], Callable[[bool], list[Item]]]
+
+
+def unpack(item: Item) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """``(x, y, meta)`` of an item with or without meta."""
+    if len(item) == 3:
+        return item[0], item[1], dict(item[2])  # type: ignore[misc]
+    return item[0], item[1], {}
+
+
+def class_counts(output: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Correct argmax predictions and examples of a batch of class scores."""
+    return {"correct": float((output.argmax(-1) == labels).sum()), "examples": float(labels.numel())}
+
+
+def accuracy(sums: dict[str, float]) -> dict[str, float]:
+    """``accuracy`` and ``examples`` from summed :func:`class_counts`."""
+    return {"accuracy": sums["correct"] / max(1.0, sums["examples"]), "examples": int(sums["examples"])}
+
+
+@dataclass(kw_only=True)
+class PipelineTask:
+    """A task for :func:`dni_async.run_pipeline`; the defaults fit classification.
+
+    Items of the data may carry a ``meta`` dict that travels with them through
+    the stages: ``reset: True`` starts new sequences (every
+    :class:`~dni_async.recurrent.TruncatedLSTM` forgets its state first);
+    ``last: True`` ends a group: on eval items, an evaluation pass (an eval
+    list without it ends at its last item); on training items of a task with
+    ``train_metrics``, a scored group such as a batch of sequences. Other keys
+    (``split``, ``length``, ...) are copied into the group's summary.
+    """
+
+    name: str
+    """Task name, recorded in summary.json."""
+    blocks: list[nn.Module]
+    """The model as a sequence of blocks; the runtime splits them into balanced stages."""
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """``(output, labels) -> mean loss`` on the last stage."""
+    input_shape: tuple[int, ...]
+    """Shape of one input example (checked through the stages before training)."""
+    num_classes: int
+    """Size of the cDNI context: label count, or the feature count ``context_fn`` returns."""
+    data: Callable[[], tuple[Iterator[Item], int, EvalData, str]]
+    """Called on stage 0 only: ``(train items, steps, eval items or eval(final) -> items, dataset name)``."""
+    input_dtype: torch.dtype = torch.float32
+    """Dtype of the inputs (``torch.long`` for token ids)."""
+    context_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """``labels -> cDNI context`` (float features, or class ids for a ``LinearDNI``); None: one-hot labels."""
+    metric_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] = class_counts
+    """``(output, labels) -> sums`` of one batch on the last stage, added up over a group."""
+    summarize: Callable[[dict[str, float]], dict[str, float]] = accuracy
+    """Group sums -> the reported figures (e.g. ``accuracy``)."""
+    train_metrics: bool = False
+    """Score training groups too (their summary is relayed back to stage 0 as ``train_<name>``)."""
+    latest: dict[str, Any] = field(default_factory=dict)
+    """On stage 0: figures relayed back from the last stage (``loss``, ``eval_*``, ``train_*``); the data may
+    read them (the copy task's curriculum does)."""
+    result: Callable[[], dict[str, Any]] | None = None
+    """Called on stage 0 after training: task figures for summary.json (``task_result``)."""
+
+    def context(self, labels: torch.Tensor) -> torch.Tensor:
+        """The cDNI context of ``labels``."""
+        if self.context_fn is not None:
+            return self.context_fn(labels)
+        return F.one_hot(labels, self.num_classes).float()
