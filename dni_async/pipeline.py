@@ -113,6 +113,8 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
     transport = None
     endpoint = None
     try:
+        # Stage 0 loads the data first, so that a fallback (e.g. the bundled MNIST subset) is the first line.
+        data = task.data() if env.is_main else None
         if env.is_main:
             log.info("config: %s", config.to_dict())
         block = stages[env.rank].to(env.device)
@@ -139,8 +141,8 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         torch.distributed.barrier()
         start = time.perf_counter()
         dataset = None
-        if env.is_main:
-            batches, steps, eval_data, dataset = task.data()
+        if data is not None:
+            batches, steps, eval_data, dataset = data
             bar = tqdm(total=steps, disable=not config.progress, desc=f"{config.mode} x{config.stages}", unit="step")
 
             def on_step(t: int, latest: dict[str, Any]) -> None:

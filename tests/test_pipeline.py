@@ -111,7 +111,8 @@ def test_default_task_falls_back_to_the_bundled_subset(tmp_path: Path) -> None:
     ok(result)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["dataset"] == "mnist-subset" and summary["final_eval"]["examples"] == 1000
-    assert "using the bundled MNIST subset" in result.stderr
+    ours = [line for line in result.stderr.splitlines() if "[stage " in line]
+    assert "using the bundled MNIST subset" in ours[0], f"not the first line of the run's output: {ours[:3]}"
 
 
 def test_backprop_parity_with_one_process(tmp_path: Path, mnist_dir: Path) -> None:

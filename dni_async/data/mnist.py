@@ -206,10 +206,9 @@ def load_mnist_with_source(data_dir: str | os.PathLike[str] | None = None, split
     if fallback:
         files = _find_split(SUBSET_DIR, split, tried)
         if files is not None:
-            data = _read_split(files, split, SOURCE_SUBSET)
-            log.warning("using the bundled MNIST subset (%d %s images, dataset %r), not the full MNIST: tried %s",
-                        data.images.shape[0], split, SOURCE_SUBSET, "; ".join(tried))
-            return data
+            log.warning("using the bundled MNIST subset for %s (dataset %r), not the full MNIST: tried %s",
+                        split, SOURCE_SUBSET, "; ".join(tried))
+            return _read_split(files, split, SOURCE_SUBSET)
     else:
         tried.append("bundled subset (off)")
     hint = "" if named else "; pass --data-dir or set DNI_ASYNC_DATA"
