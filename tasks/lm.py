@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import time
@@ -25,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dni_async.config import TASK_DEFAULTS, PipelineConfig
-from dni_async.data.text import SPLITS, Corpus, batchify
+from dni_async.data.text import SPLITS, TEXT_SUBSET_DIR, Corpus, batchify, split_file
 from dni_async.recurrent import TruncatedLSTM, reset_states
 from dni_async.task import Item, PipelineTask, unpack
 
@@ -33,24 +34,30 @@ __all__ = ["resolve_corpus_dir", "lm_blocks", "stream_items", "lm_loss", "nll_su
            "pipeline_task", "train", "main"]
 
 DEFAULTS = TASK_DEFAULTS["lm"]
+SOURCE_TEXT_SUBSET = "kjv-subset"
 DATA_HELP = ("folder with train.txt, valid.txt, test.txt, or one holding them in kjv/ "
-             "(default: $DNI_ASYNC_DATA, the same rule)")
+             "(default: $DNI_ASYNC_DATA, the same rule; else the small KJV subset bundled in the package)")
+log = logging.getLogger("tasks.lm")
 
 
-def resolve_corpus_dir(data_dir: str | None) -> Path:
-    """The corpus folder: ``data_dir`` (else ``$DNI_ASYNC_DATA``) if it holds the three splits, else its ``kjv/``.
+def resolve_corpus_dir(data_dir: str | None) -> tuple[Path, str]:
+    """The corpus folder and the data set's name.
+
+    ``data_dir`` (else ``$DNI_ASYNC_DATA``) if it holds the three splits, else
+    its ``kjv/`` subfolder; a folder named this way that has neither is an
+    error. With no folder named: the small KJV subset bundled in the package
+    (``kjv-subset``).
 
     Raises:
         FileNotFoundError: naming every folder tried.
     """
     root = data_dir or os.environ.get("DNI_ASYNC_DATA")
     if not root:
-        raise FileNotFoundError("no text corpus: pass --data-dir (a folder with train.txt, valid.txt, test.txt) "
-                                "or set DNI_ASYNC_DATA")
+        return TEXT_SUBSET_DIR, SOURCE_TEXT_SUBSET
     tried = [Path(root).expanduser(), Path(root).expanduser() / "kjv"]
     for folder in tried:
-        if all((folder / f"{s}.txt").is_file() for s in SPLITS):
-            return folder
+        if all(split_file(folder, s) is not None for s in SPLITS):
+            return folder, folder.name
     raise FileNotFoundError(f"no train.txt, valid.txt and test.txt in {' or '.join(map(str, tried))}")
 
 
@@ -95,7 +102,8 @@ def perplexity(sums: dict[str, float]) -> dict[str, float]:
 
 def pipeline_task(config: PipelineConfig) -> PipelineTask:
     """``lm`` for the multi-process runtime; the corpus is read on every stage (for its vocabulary size)."""
-    corpus = Corpus(resolve_corpus_dir(config.data_dir), max_size=config.vocab_size)
+    folder, dataset = resolve_corpus_dir(config.data_dir)
+    corpus = Corpus(folder, max_size=config.vocab_size)
     torch.manual_seed(config.seed)
     bptt = config.bptt or DEFAULTS["bptt"]
     vocab = len(corpus.vocab)
@@ -112,9 +120,12 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
                                                               {"split": s})]
 
     def data() -> tuple[Iterator[Item], int, Any, str]:
+        if dataset == SOURCE_TEXT_SUBSET:
+            log.warning("using the text subset bundled in the package (%s, %d training words): no --data-dir "
+                        "and no $DNI_ASYNC_DATA", dataset, corpus.train.numel())
         per_epoch = len(stream_items(corpus.train, config.batch_size, bptt))
         steps = config.steps if config.steps is not None else max(1, int(config.epochs * per_epoch))
-        return train_items(steps), steps, eval_items, f"text:{resolve_corpus_dir(config.data_dir).name}"
+        return train_items(steps), steps, eval_items, dataset
 
     return PipelineTask(name="lm", blocks=blocks, loss_fn=lm_loss, input_shape=(bptt,), input_dtype=torch.long,
                         num_classes=vocab, context_fn=lambda targets: targets, metric_fn=nll_sums,
@@ -142,7 +153,10 @@ def train(data_dir: str | None, mode: str = "dni", epochs: float = 1.0, batch_si
     """Train in one process; return validation and test perplexity."""
     if mode not in ("backprop", "dni"):
         raise ValueError(f"in-process lm runs backprop or dni, got {mode!r}")
-    corpus = Corpus(resolve_corpus_dir(data_dir), max_size=vocab_size)
+    folder, dataset = resolve_corpus_dir(data_dir)
+    if dataset == SOURCE_TEXT_SUBSET:
+        log.warning("using the text subset bundled in the package: no --data-dir and no $DNI_ASYNC_DATA")
+    corpus = Corpus(folder, max_size=vocab_size)
     torch.manual_seed(seed)
     model = nn.Sequential(*lm_blocks(len(corpus.vocab), hidden_size, num_layers, mode == "dni", sg_lr))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -164,7 +178,7 @@ def train(data_dir: str | None, mode: str = "dni", epochs: float = 1.0, batch_si
     wall = time.perf_counter() - start
     return {"valid": evaluate(model, stream_items(corpus.valid, batch_size, bptt)),
             "test": evaluate(model, stream_items(corpus.test, batch_size, bptt)),
-            "steps": total, "vocab": len(corpus.vocab), "wall_s": round(wall, 2)}
+            "steps": total, "vocab": len(corpus.vocab), "dataset": dataset, "wall_s": round(wall, 2)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

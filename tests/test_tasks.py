@@ -12,6 +12,8 @@ import torch
 from test_pipeline import ok, torchrun
 from test_text_copy import KJV, write_corpus
 
+from dni_async.data.make_subset import make_text_subset
+from dni_async.data.text import TEXT_SUBSET_DIR, Corpus
 from dni_async.task import unpack
 from tasks.copy import BITS, Curriculum, bit_errors, bits_summary, copy_loss, sequence_items
 from tasks.copy import train as train_copy
@@ -78,11 +80,22 @@ def test_lm_stream_chunks_predict_the_next_word() -> None:
 
 def test_corpus_folder_is_found_or_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_corpus(tmp_path / "kjv", "a b\n")
-    assert resolve_corpus_dir(str(tmp_path)) == tmp_path / "kjv"
+    assert resolve_corpus_dir(str(tmp_path)) == (tmp_path / "kjv", "kjv")
     monkeypatch.setenv("DNI_ASYNC_DATA", str(tmp_path / "kjv"))
-    assert resolve_corpus_dir(None) == tmp_path / "kjv"
+    assert resolve_corpus_dir(None) == (tmp_path / "kjv", "kjv")
     with pytest.raises(FileNotFoundError, match="empty"):
         resolve_corpus_dir(str(tmp_path / "empty"))
+    monkeypatch.delenv("DNI_ASYNC_DATA")
+    folder, dataset = resolve_corpus_dir(None)
+    assert dataset == "kjv-subset" and Corpus(folder).train.numel() > 100_000, "the bundled subset, gzipped"
+
+
+def test_bundled_text_subset_is_the_start_of_the_corpus(tmp_path: Path) -> None:
+    """``make_text_subset`` on the KJV folder reproduces the bundled files byte for byte."""
+    sizes = make_text_subset(KJV, tmp_path)
+    for name in sizes:
+        assert (tmp_path / name).read_bytes() == (TEXT_SUBSET_DIR / name).read_bytes()
+    assert sum(sizes.values()) < 300_000
 
 
 def test_copy_in_process_solves_length_one_with_a_temporal_sg() -> None:
@@ -113,7 +126,7 @@ def test_pipeline_runs_the_task(tmp_path: Path, task: str, mode: str) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task"] == task and summary["steps"] == 20 and summary["mode"] == mode
     if task == "lm":
-        assert set(summary["evals"]) == {"valid", "test"} and summary["dataset"] == "text:kjv"
+        assert set(summary["evals"]) == {"valid", "test"} and summary["dataset"] == "kjv"
         assert 1 < summary["evals"]["test"]["perplexity"] < 2000
     else:
         assert summary["final_eval"]["sequences"] == 4 * 32 and summary["final_eval"]["bits_error"] >= 0

@@ -1,4 +1,5 @@
-"""Cut the bundled MNIST subset (the first N train and M test images) from the full IDX files."""
+"""Cut the bundled data subsets from the full files: MNIST (the first N train and M test images) and the text
+corpus (the first lines of each split)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from pathlib import Path
 from typing import Sequence
 
 from .mnist import MNIST_FILES, SUBSET_DIR, _find_split, _parse_idx, _read_bytes
+from .text import SPLITS, TEXT_SUBSET_DIR, split_file
 
-__all__ = ["SUBSET_MAX_BYTES", "SUBSET_TEST", "SUBSET_TRAIN", "main", "make_subset"]
+__all__ = ["SUBSET_MAX_BYTES", "SUBSET_TEST", "SUBSET_TRAIN", "TEXT_SUBSET_LINES", "main", "make_subset",
+           "make_text_subset"]
 
 SUBSET_TRAIN, SUBSET_TEST = 6000, 1000
 #: The most the subset's files may take together (the package must stay small).
 SUBSET_MAX_BYTES = 2 * 1024 * 1024
+#: Lines of train, valid and test kept in the bundled text subset.
+TEXT_SUBSET_LINES = {"train": 4000, "valid": 500, "test": 500}
 
 
 def _head(path: Path, n: int) -> bytes:
@@ -72,6 +77,34 @@ def make_subset(src: str | os.PathLike[str], dst: str | os.PathLike[str] = SUBSE
     return sizes
 
 
+def make_text_subset(src: str | os.PathLike[str], dst: str | os.PathLike[str] = TEXT_SUBSET_DIR,
+                     lines: dict[str, int] | None = None) -> dict[str, int]:
+    """Write the first lines of each split of the corpus folder ``src`` as deterministic ``<split>.txt.gz``.
+
+    Returns:
+        File name -> size in bytes.
+
+    Raises:
+        FileNotFoundError: when ``src`` lacks a split.
+        ValueError: when a split has fewer lines than asked for.
+    """
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for split in SPLITS:
+        path = split_file(Path(src), split)
+        if path is None:
+            raise FileNotFoundError(f"{src} has no {split}.txt")
+        n = (lines or TEXT_SUBSET_LINES)[split]
+        kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+        if len(kept) < n:
+            raise ValueError(f"{path} has {len(kept)} lines, fewer than the {n} asked for")
+        blob = gzip.compress("".join(kept).encode("utf-8"), compresslevel=9, mtime=0)
+        (out / f"{split}.txt.gz").write_bytes(blob)
+        sizes[f"{split}.txt.gz"] = len(blob)
+    return sizes
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m dni_async.data.make_subset SRC [DST] [--train N] [--test M]``."""
     parser = argparse.ArgumentParser(prog="python -m dni_async.data.make_subset", description=__doc__)
@@ -79,8 +112,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("dst", nargs="?", default=str(SUBSET_DIR), help="output folder (default: %(default)s)")
     parser.add_argument("--train", type=int, default=SUBSET_TRAIN, help="training images (default: %(default)s)")
     parser.add_argument("--test", type=int, default=SUBSET_TEST, help="test images (default: %(default)s)")
+    parser.add_argument("--text", action="store_true",
+                        help=f"SRC is a text corpus folder: write its first lines {TEXT_SUBSET_LINES} "
+                             f"(default DST: {TEXT_SUBSET_DIR})")
     args = parser.parse_args(argv)
-    sizes = make_subset(args.src, args.dst, args.train, args.test)
+    if args.text:
+        dst = TEXT_SUBSET_DIR if args.dst == str(SUBSET_DIR) else args.dst
+        sizes = make_text_subset(args.src, dst)
+    else:
+        sizes = make_subset(args.src, args.dst, args.train, args.test)
     for name, size in sizes.items():
         print(f"{size:>9}  {name}")
     print(f"{sum(sizes.values()):>9}  total (limit {SUBSET_MAX_BYTES})")

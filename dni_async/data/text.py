@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 from collections import Counter
 from pathlib import Path
@@ -9,10 +10,12 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["UNK", "EOS", "SPLITS", "Vocabulary", "Corpus", "batchify"]
+__all__ = ["UNK", "EOS", "SPLITS", "TEXT_SUBSET_DIR", "Vocabulary", "Corpus", "batchify", "split_file"]
 
 UNK, EOS = "<unk>", "<eos>"
 SPLITS = ("train", "valid", "test")
+TEXT_SUBSET_DIR = Path(__file__).resolve().parent / "kjv_subset"
+"""A small real corpus shipped in the package (the first verses of each split of the KJV folder, gzipped)."""
 
 
 class Vocabulary:
@@ -48,9 +51,17 @@ class Vocabulary:
         return [self.itos[i] for i in ids]
 
 
+def split_file(folder: Path, split: str) -> Path | None:
+    """``folder/<split>.txt``, else ``folder/<split>.txt.gz``, else None."""
+    for name in (f"{split}.txt", f"{split}.txt.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 def _lines(path: Path) -> list[list[str]]:
     """Whitespace-split words of each non-empty line, with ``<eos>`` at its end."""
-    with open(path, encoding="utf-8") as f:
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
         return [line.split() + [EOS] for line in f if line.strip()]
 
 
@@ -61,7 +72,7 @@ class Corpus:
     each line ends with ``<eos>``; words outside the vocabulary become ``<unk>``.
 
     Args:
-        folder: holds ``train.txt``, ``valid.txt`` and ``test.txt``.
+        folder: holds ``train.txt``, ``valid.txt`` and ``test.txt`` (each may be gzipped: ``train.txt.gz``).
         min_count: see :class:`Vocabulary`.
         max_size: see :class:`Vocabulary`.
 
@@ -72,11 +83,12 @@ class Corpus:
 
     def __init__(self, folder: str | os.PathLike[str], min_count: int = 1, max_size: int | None = None) -> None:
         root = Path(folder).expanduser()
-        missing = [f"{s}.txt" for s in SPLITS if not (root / f"{s}.txt").is_file()]
+        files = {s: split_file(root, s) for s in SPLITS}
+        missing = [f"{s}.txt" for s, f in files.items() if f is None]
         if missing:
             raise FileNotFoundError(f"text corpus folder {root} lacks {', '.join(missing)} "
                                     "(expected train.txt, valid.txt, test.txt)")
-        lines = {s: _lines(root / f"{s}.txt") for s in SPLITS}
+        lines = {s: _lines(f) for s, f in files.items() if f is not None}
         counts = Counter(w for line in lines["train"] for w in line)
         if not counts:
             raise ValueError(f"{root / 'train.txt'} holds no words")
