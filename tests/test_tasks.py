@@ -133,3 +133,13 @@ def test_pipeline_runs_the_task(tmp_path: Path, task: str, mode: str) -> None:
         assert summary["task_result"]["bptt"] == 3 and summary["task_result"]["curriculum_length"] >= 1
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert any("eval_bits_error" in m for m in metrics)
+
+
+def test_pipeline_curriculum_moves_on_from_the_relayed_error(tmp_path: Path) -> None:
+    """Stage 0 runs the curriculum on the training error the last stage relays back through the gradients."""
+    run = tmp_path / "run"
+    ok(torchrun(2, ["--stages", "2", "--task", "copy", "--mode", "backprop", "--steps", "400", "--bptt", "4",
+                    "--num-layers", "2", "--hidden-size", "64", "--no-progress", "--run-dir", str(run)], timeout=180))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task_result"]["longest_solved"] >= 1, summary["task_result"]
+    assert summary["final_eval"]["length"] == summary["task_result"]["curriculum_length"]
