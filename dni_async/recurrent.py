@@ -10,7 +10,7 @@ from torch import nn
 
 from .synthetic import LinearDNI
 
-__all__ = ["TruncatedLSTM", "reset_states"]
+__all__ = ["TruncatedLSTM", "reset_states", "sg_fit"]
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -77,6 +77,7 @@ class TruncatedLSTM(nn.Module):
         self._states: dict[bool, State] = {}
         self._pending: State | None = None   # first state of the last training chunk (leaves with .grad)
         self.sg_loss: torch.Tensor | None = None
+        self.sg_fit = torch.zeros(3)  # sums over SG updates with a nonzero target: cosine, mse / mean(target^2), count
 
     def reset_state(self, training: bool = True) -> None:
         """Start new sequences: forget the state of training (or eval) chunks.
@@ -131,12 +132,36 @@ class TruncatedLSTM(nn.Module):
         if self._sg_opt is None:
             self._sg_opt = torch.optim.Adam(self.sg.parameters(), lr=self.sg_lr)
         with torch.enable_grad():
-            loss = F.mse_loss(self.sg(state)[0], target)
+            prediction = self.sg(state)[0]
+            loss = F.mse_loss(prediction, target)
             self._sg_opt.zero_grad(set_to_none=True)
             loss.backward()
+        with torch.no_grad():
+            power = target.pow(2).mean()
+            if power > 0:  # how well the SG predicted this target before learning from it
+                cosine = F.cosine_similarity(prediction.flatten(), target.flatten(), dim=0)
+                self.sg_fit += torch.stack([cosine, loss.detach() / power, torch.ones(())]).to(self.sg_fit)
         self._sg_opt.step()
         self._sg_opt.zero_grad(set_to_none=True)  # the model's own optimizer must never step the SG
         self.sg_loss = loss.detach()
+
+
+def sg_fit(module: nn.Module) -> dict[str, float] | None:
+    """Mean fit of the temporal SGs in ``module`` since the last call (then restarted), None without one.
+
+    ``cosine``: between each prediction and the target it was then trained on;
+    ``relative_mse``: the SG's mean squared error over the target's mean square
+    (1 is no better than predicting zero); ``updates``: SG steps counted.
+    """
+    sums = torch.zeros(3)
+    for sub in module.modules():
+        if isinstance(sub, TruncatedLSTM) and sub.sg is not None:
+            sums += sub.sg_fit.cpu()
+            sub.sg_fit.zero_()
+    if sums[2] == 0:
+        return None
+    return {"cosine": round(float(sums[0] / sums[2]), 4), "relative_mse": round(float(sums[1] / sums[2]), 4),
+            "updates": int(sums[2])}
 
 
 def reset_states(module: nn.Module, training: bool = True) -> None:

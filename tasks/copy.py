@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from dni_async.config import TASK_DEFAULTS, PipelineConfig
 from dni_async.data.copy import copy_batch
-from dni_async.recurrent import TruncatedLSTM, reset_states
+from dni_async.recurrent import TruncatedLSTM, reset_states, sg_fit
 from dni_async.task import Item, PipelineTask, unpack
 
 __all__ = ["THRESHOLD", "WINDOW", "Curriculum", "copy_model_blocks", "sequence_items", "copy_loss", "bit_errors",
@@ -186,7 +186,11 @@ def train(task: str = "copy", mode: str = "dni", steps: int = 20_000, bptt: int 
     bar = tqdm(total=steps, disable=not progress, desc=f"{task} {mode} T={bptt}", unit="chunk")
     start = time.perf_counter()
     done = sequences = 0
+    measuring = False
     while done < steps:
+        if done >= steps * 0.9 and not measuring:  # the SG's fit is reported over the last 10% of the run
+            sg_fit(model)
+            measuring = True
         repeats = _draw_repeats(task, max_repeats, gen)
         sums: dict[str, float] = {}
         for x, y, meta in map(unpack, sequence_items(batch_size, curriculum.length, repeats, max_repeats, bptt,
@@ -207,7 +211,8 @@ def train(task: str = "copy", mode: str = "dni", steps: int = 20_000, bptt: int 
         bar.set_postfix(length=curriculum.length, solved=curriculum.longest_solved, refresh=False)
     bar.close()
     return {"longest_solved": curriculum.longest_solved, "curriculum_length": curriculum.length,
-            "sequences": sequences, "chunks": done, "wall_s": round(time.perf_counter() - start, 2)}
+            "sequences": sequences, "chunks": done, "sg_fit_last_10pct": sg_fit(model),
+            "wall_s": round(time.perf_counter() - start, 2)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

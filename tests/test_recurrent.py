@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dni_async import LinearDNI, TruncatedLSTM
-from dni_async.recurrent import reset_states
+from dni_async.recurrent import reset_states, sg_fit
 
 
 def randomise(module: torch.nn.Module, std: float = 0.1) -> None:
@@ -106,3 +106,15 @@ def test_per_position_context() -> None:
     torch.testing.assert_close(sg(h, None, context=ctx)[0], expected)
     with pytest.raises(ValueError, match="context must have shape"):
         sg(h, None, context=torch.randn(2, 3, 3))
+
+
+def test_sg_fit_reports_how_well_the_sg_predicted_its_targets() -> None:
+    """A zero-initialised SG predicts 0: cosine 0 and a relative MSE of exactly 1 on its first update."""
+    layer = TruncatedLSTM(3, 4, temporal_sg=True)
+    model = torch.nn.Sequential(layer)
+    assert sg_fit(model) is None
+    for _ in range(3):
+        layer(torch.randn(2, 3, 3)).sum().backward()
+    assert sg_fit(model) == {"cosine": 0.0, "relative_mse": 1.0, "updates": 1}
+    assert sg_fit(model) is None, "the counts restart after each read"
+    assert sg_fit(torch.nn.Sequential(TruncatedLSTM(3, 4))) is None
