@@ -269,7 +269,8 @@ def test_bundled_subset_is_shipped_and_small() -> None:
     config.read(ROOT / "setup.cfg")
     patterns = [p.strip() for p in config["options.package_data"]["dni_async.data"].split(",")]
     shipped = {p.name for pattern in patterns for p in SUBSET_DIR.parent.glob(pattern)}
-    assert shipped == set(names) | {"SHA256SUMS", "README.md"}
+    text = {f"{split}.txt.gz" for split in ("train", "valid", "test")}  # the bundled text subset
+    assert shipped == set(names) | {"SHA256SUMS", "README.md"} | text
 
 
 def test_subset_is_the_head_of_real_mnist(mnist_dir: Path) -> None:
