@@ -65,14 +65,17 @@ class TruncatedLSTM(nn.Module):
         hidden_size: LSTM width.
         temporal_sg: give each chunk's final state a synthetic gradient.
         sg_lr: Adam learning rate of the SG.
+        sg_scale: factor on the synthetic gradient injected into the backward pass (the SG's own
+            training is unchanged).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, temporal_sg: bool = False, sg_lr: float = 3e-3) -> None:
+    def __init__(self, input_size: int, hidden_size: int, temporal_sg: bool = False, sg_lr: float = 3e-3,
+                 sg_scale: float = 1.0) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
         self.sg = LinearDNI(2 * hidden_size, 2 * hidden_size, 2 * hidden_size) if temporal_sg else None
-        self.sg_lr = sg_lr
+        self.sg_lr, self.sg_scale = sg_lr, sg_scale
         self._sg_opt: torch.optim.Optimizer | None = None
         self._states: dict[bool, State] = {}
         self._pending: State | None = None   # first state of the last training chunk (leaves with .grad)
@@ -112,7 +115,7 @@ class TruncatedLSTM(nn.Module):
         if inject:
             assert self.sg is not None
             with torch.no_grad():
-                synthetic = self.sg(torch.cat([h, c], dim=-1))[0] / batch
+                synthetic = self.sg(torch.cat([h, c], dim=-1))[0] * (self.sg_scale / batch)
             grad_h, grad_c = synthetic.split(self.hidden_size, dim=-1)
             out = _InjectGradient.apply(out, h, c, grad_h.contiguous(), grad_c.contiguous())
         self._states[self.training] = (h.detach(), c.detach())

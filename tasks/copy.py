@@ -64,12 +64,13 @@ class Curriculum:
             self.errors = []
 
 
-def copy_model_blocks(hidden_size: int, num_layers: int, temporal_sg: bool, sg_lr: float) -> list[nn.Module]:
+def copy_model_blocks(hidden_size: int, num_layers: int, temporal_sg: bool, sg_lr: float,
+                      sg_scale: float = 1.0) -> list[nn.Module]:
     """``num_layers`` truncated LSTM layers (one block each); the last block ends in the output layer."""
     blocks: list[nn.Module] = []
     width = BITS + 2
     for _ in range(num_layers):
-        blocks.append(TruncatedLSTM(width, hidden_size, temporal_sg=temporal_sg, sg_lr=sg_lr))
+        blocks.append(TruncatedLSTM(width, hidden_size, temporal_sg=temporal_sg, sg_lr=sg_lr, sg_scale=sg_scale))
         width = hidden_size
     blocks[-1] = nn.Sequential(blocks[-1], nn.Linear(hidden_size, BITS + 1))
     return blocks
@@ -165,7 +166,7 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
 def train(task: str = "copy", mode: str = "dni", steps: int = 20_000, bptt: int = DEFAULTS["bptt"],
           batch_size: int = DEFAULTS["batch_size"], hidden_size: int = DEFAULTS["hidden_size"], num_layers: int = 1,
           lr: float = DEFAULTS["lr"], sg_lr: float = DEFAULTS["sg_lr"], max_repeats: int = 3,
-          seed: int = 0, progress: bool = True) -> dict[str, Any]:
+          seed: int = 0, progress: bool = True, sg_scale: float = 1.0) -> dict[str, Any]:
     """Train in one process for ``steps`` truncated chunks with the curriculum; return what it reached.
 
     Args:
@@ -173,13 +174,14 @@ def train(task: str = "copy", mode: str = "dni", steps: int = 20_000, bptt: int 
         mode: ``backprop`` (truncated BPTT) or ``dni`` (plus a synthetic gradient at each truncation boundary).
         bptt: truncation length, time steps.
         max_repeats: repeat-copy draws each batch's repeat count from 1..max_repeats.
+        sg_scale: factor on the injected synthetic gradient (see ``TruncatedLSTM``).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if mode not in ("backprop", "dni"):
         raise ValueError(f"in-process {task} runs backprop or dni, got {mode!r}")
     torch.manual_seed(seed)
-    model = nn.Sequential(*copy_model_blocks(hidden_size, num_layers, mode == "dni", sg_lr))
+    model = nn.Sequential(*copy_model_blocks(hidden_size, num_layers, mode == "dni", sg_lr, sg_scale))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     curriculum = Curriculum()
@@ -231,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--sg-lr", type=float, default=DEFAULTS["sg_lr"],
                         help="Adam learning rate of the SGs (default: %(default)s)")
+    parser.add_argument("--sg-scale", type=float, default=1.0,
+                        help="factor on the injected synthetic gradient (default: %(default)s)")
     parser.add_argument("--max-repeats", type=int, default=3, help="repeat-copy: largest repeat count (default: 3)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -243,9 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     result = train(args.task, args.mode, args.steps, args.bptt, args.batch_size, args.hidden_size, args.num_layers,
-                   args.lr, args.sg_lr, args.max_repeats, args.seed)
+                   args.lr, args.sg_lr, args.max_repeats, args.seed, sg_scale=args.sg_scale)
     print(json.dumps({"task": args.task, "mode": args.mode, "bptt": args.bptt, "seed": args.seed,
-                      "threshold": THRESHOLD, **result}))
+                      "sg_scale": args.sg_scale, "threshold": THRESHOLD, **result}))
     return 0
 
 

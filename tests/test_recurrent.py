@@ -17,9 +17,10 @@ def randomise(module: torch.nn.Module, std: float = 0.1) -> None:
         torch.nn.init.normal_(p, std=std)
 
 
-def test_final_state_gets_the_synthetic_gradient() -> None:
-    """The LSTM's gradients equal those of loss + <SG(s_T)/B, s_T> computed by hand."""
-    layer = TruncatedLSTM(3, 4, temporal_sg=True)
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_final_state_gets_the_synthetic_gradient(scale: float) -> None:
+    """The LSTM's gradients equal those of loss + <scale * SG(s_T)/B, s_T> computed by hand."""
+    layer = TruncatedLSTM(3, 4, temporal_sg=True, sg_scale=scale)
     assert layer.sg is not None
     randomise(layer.sg)
     x = torch.randn(2, 5, 3)
@@ -28,7 +29,7 @@ def test_final_state_gets_the_synthetic_gradient() -> None:
     lstm.zero_grad(set_to_none=True)
     out, (h, c) = lstm(x)
     with torch.no_grad():
-        g = layer.sg(torch.cat([h, c], dim=-1))[0] / 2
+        g = layer.sg(torch.cat([h, c], dim=-1))[0] * scale / 2
     (out.pow(2).sum() + (h * g[..., :4]).sum() + (c * g[..., 4:]).sum()).backward()
     for mine, theirs in zip(layer.lstm.parameters(), lstm.parameters()):
         torch.testing.assert_close(mine.grad, theirs.grad)
