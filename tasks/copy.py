@@ -126,7 +126,8 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
     (``train_bits_error`` at ``train_length``) to move the curriculum on.
     """
     torch.manual_seed(config.seed)
-    bptt = config.bptt or 3
+    bptt = config.bptt
+    assert bptt is not None, "PipelineConfig resolves --bptt for copy"
     blocks = copy_model_blocks(config.hidden_size, config.num_layers, config.mode != "backprop", config.sg_lr)
     curriculum = Curriculum()
     latest: dict[str, Any] = {}  # PipelineTask.latest: what the last stage relays back
@@ -147,9 +148,8 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
         items: list[Item] = []
         for _ in range(4):
             repeats = _draw_repeats(config.task, config.max_repeats, gen)
-            items += [(x, y, {**meta, "last": False})
-                      for x, y, meta in map(unpack, sequence_items(config.batch_size, curriculum.length, repeats,
-                                                                   config.max_repeats, bptt, gen))]
+            items += sequence_items(config.batch_size, curriculum.length, repeats, config.max_repeats, bptt, gen,
+                                    {"last": False})  # one scored group: the stage loop marks its end
         return items
 
     def data() -> tuple[Iterator[Item], int, Any, str]:

@@ -105,27 +105,24 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
     folder, dataset = resolve_corpus_dir(config.data_dir)
     corpus = Corpus(folder, max_size=config.vocab_size)
     torch.manual_seed(config.seed)
-    bptt = config.bptt or DEFAULTS["bptt"]
+    bptt = config.bptt
+    assert bptt is not None, "PipelineConfig resolves --bptt for lm"
     vocab = len(corpus.vocab)
     blocks = lm_blocks(vocab, config.hidden_size, config.num_layers, config.mode != "backprop", config.sg_lr)
 
-    def train_items(steps: int) -> Iterator[Item]:
-        items = stream_items(corpus.train, config.batch_size, bptt)
+    def train_items(items: list[Item], steps: int) -> Iterator[Item]:
         for t in range(steps):
             yield items[t % len(items)]
-
-    def eval_items(final: bool) -> list[Item]:
-        splits = ("valid", "test") if final else ("valid",)
-        return [item for s in splits for item in stream_items(corpus.splits[s], config.batch_size, bptt,
-                                                              {"split": s})]
 
     def data() -> tuple[Iterator[Item], int, Any, str]:
         if dataset == SOURCE_TEXT_SUBSET:
             log.warning("using the text subset bundled in the package (%s, %d training words): no --data-dir "
                         "and no $DNI_ASYNC_DATA", dataset, corpus.train.numel())
-        per_epoch = len(stream_items(corpus.train, config.batch_size, bptt))
-        steps = config.steps if config.steps is not None else max(1, int(config.epochs * per_epoch))
-        return train_items(steps), steps, eval_items, dataset
+        items = stream_items(corpus.train, config.batch_size, bptt)
+        evals = {s: stream_items(corpus.splits[s], config.batch_size, bptt, {"split": s}) for s in ("valid", "test")}
+        steps = config.steps if config.steps is not None else max(1, int(config.epochs * len(items)))
+        return (train_items(items, steps), steps,
+                lambda final: evals["valid"] + evals["test"] if final else evals["valid"], dataset)
 
     return PipelineTask(name="lm", blocks=blocks, loss_fn=lm_loss, input_shape=(bptt,), input_dtype=torch.long,
                         num_classes=vocab, context_fn=lambda targets: targets, metric_fn=nll_sums,
