@@ -2,8 +2,8 @@
 
 from .interface import DNI
 from .recurrent import TruncatedLSTM
-from .synthetic import RNNDNI, Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
+from .synthetic import RNNDNI, Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI, LowRankDNI
 
-__all__ = ["DNI", "DNINetwork", "LinearDNI", "LinearSigmoidDNI", "LinearBatchNormDNI", "Conv2dDNI", "RNNDNI",
-           "TruncatedLSTM"]
+__all__ = ["DNI", "DNINetwork", "LinearDNI", "LowRankDNI", "LinearSigmoidDNI", "LinearBatchNormDNI", "Conv2dDNI",
+           "RNNDNI", "TruncatedLSTM"]
 __version__ = "0.1.0"

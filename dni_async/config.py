@@ -8,15 +8,20 @@ from typing import Any, Sequence
 
 from .transport import TRANSPORTS
 
-__all__ = ["MODES", "SG_KINDS", "TASK_DEFAULTS", "PipelineConfig", "add_arguments", "config_from_args"]
+__all__ = ["MODES", "PIPELINING_MODES", "PIPELINING_TASKS", "SG_KINDS", "TASK_DEFAULTS", "PipelineConfig",
+           "add_arguments", "config_from_args"]
 
-MODES = ("dni", "cdni", "backprop")
-SG_KINDS = ("linear", "mlp", "linear-bn", "linear-sigmoid")
-_MNIST = {"batch_size": 128, "lr": 3e-4, "sg_lr": 3e-3, "hidden_size": 256, "bptt": None}
-_COPY = {"batch_size": 32, "lr": 1e-2, "sg_lr": 1e-2, "hidden_size": 128, "bptt": 3}
+PIPELINING_MODES = ("gpipe", "1f1b")
+"""Baselines run by ``torch.distributed.pipelining`` itself (ScheduleGPipe, Schedule1F1B)."""
+MODES = ("dni", "cdni", "backprop", *PIPELINING_MODES)
+PIPELINING_TASKS = ("mnist-fcn", "mnist-cnn")
+"""Tasks whose batches are plain (inputs, labels), which is what the pipelining schedules take."""
+SG_KINDS = ("linear", "low-rank", "mlp", "linear-bn", "linear-sigmoid")
+_MNIST = {"batch_size": 128, "lr": 3e-4, "sg_lr": 3e-3, "hidden_size": 256, "bptt": None, "sg_scale": 1.0}
+_COPY = {"batch_size": 32, "lr": 1e-3, "sg_lr": 1e-3, "hidden_size": 128, "bptt": 3, "sg_scale": 0.1}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist-fcn": _MNIST, "mnist-cnn": {**_MNIST, "hidden_size": 32}, "copy": _COPY, "repeat-copy": _COPY,
-    "lm": {"batch_size": 32, "lr": 3e-3, "sg_lr": 1e-3, "hidden_size": 256, "bptt": 35},
+    "lm": {"batch_size": 32, "lr": 3e-3, "sg_lr": 1e-3, "hidden_size": 256, "bptt": 35, "sg_scale": 1.0},
 }
 """Per-task values of the fields left None (the values the README's results use)."""
 
@@ -28,21 +33,30 @@ class PipelineConfig:
     stages: int = 4
     """Number of stages, one process each."""
     mode: str = "dni"
-    """``dni`` (synthetic gradients), ``cdni`` (labels as SG context) or ``backprop`` (locked baseline)."""
+    """``dni`` (synthetic gradients), ``cdni`` (labels as SG context), ``backprop`` (locked baseline), or the
+    ``torch.distributed.pipelining`` schedules ``gpipe`` and ``1f1b``."""
     task: str = "mnist-fcn"
     """Task to train (see ``tasks``)."""
     steps: int | None = None
     """Training steps; overrides ``epochs``."""
     epochs: float = 1.0
     """Passes over the training set when ``steps`` is not given."""
+    time_budget: float | None = None
+    """Stop training after this many seconds (stage 0's clock), or at ``steps``, whichever comes first."""
+    microbatches: int = 4
+    """``gpipe`` / ``1f1b``: microbatches each batch is split into."""
+    snapshot_every: int = 0
+    """Copy every stage's weights every N steps and evaluate the copies after training: summary.json's
+    ``curve`` (accuracy against wall-clock time, no evaluation during training). 0: none."""
     batch_size: int = None  # type: ignore[assignment]
     """Minibatch size; None: the task's (``TASK_DEFAULTS``)."""
     lr: float = None  # type: ignore[assignment]
     """Adam learning rate of the stage blocks; None: the task's."""
     sg: str = "linear"
-    """SG kind: ``linear`` (W x W), ``mlp`` (one hidden ReLU layer), ``linear-bn``, ``linear-sigmoid``."""
+    """SG kind: ``linear`` (W x W), ``low-rank`` (W -> sg_hidden -> W, linear), ``mlp`` (one hidden ReLU
+    layer), ``linear-bn``, ``linear-sigmoid``."""
     sg_hidden: int = 256
-    """Hidden width of the ``mlp`` and ``linear-bn`` SGs."""
+    """Hidden width (rank) of the ``low-rank``, ``mlp`` and ``linear-bn`` SGs."""
     sg_lr: float = None  # type: ignore[assignment]
     """Adam learning rate of the SG modules; None: the task's."""
     hidden_size: int = None  # type: ignore[assignment]
@@ -51,6 +65,9 @@ class PipelineConfig:
     """Hidden layers of the task's model (LSTM layers for copy, repeat-copy, lm)."""
     bptt: int | None = None
     """Recurrent tasks: truncation length in time steps; None: the task's default (copy 3, lm 35)."""
+    sg_scale: float = None  # type: ignore[assignment]
+    """Recurrent tasks: factor on the temporal SG's gradient injected at each truncation boundary (dni, cdni);
+    None: the task's (copy 0.1, lm 1)."""
     max_repeats: int = 3
     """repeat-copy: each batch's repeat count is drawn from 1..max_repeats."""
     vocab_size: int = 10000
@@ -116,12 +133,25 @@ class PipelineConfig:
             raise ValueError(f"--threads-per-stage must be >= 1, got {self.threads_per_stage}")
         if self.lr <= 0 or self.sg_lr <= 0:
             raise ValueError("--lr and --sg-lr must be > 0")
+        if self.sg_scale < 0:
+            raise ValueError(f"--sg-scale must be >= 0, got {self.sg_scale}")
         if self.bptt is not None and self.bptt < 1:
             raise ValueError(f"--bptt must be >= 1, got {self.bptt}")
         if self.vocab_size < 3:
             raise ValueError(f"--vocab-size must be >= 3 (<unk>, <eos> and a word), got {self.vocab_size}")
         if self.max_in_flight < 0:
             raise ValueError(f"--max-in-flight must be >= 0, got {self.max_in_flight}")
+        if self.mode in PIPELINING_MODES and self.task not in PIPELINING_TASKS:
+            raise ValueError(f"--mode {self.mode} runs the tasks {PIPELINING_TASKS}, not {self.task!r}")
+        if self.microbatches < 1 or self.batch_size % self.microbatches:
+            raise ValueError(f"--microbatches must be >= 1 and divide --batch-size {self.batch_size}, "
+                             f"got {self.microbatches}")
+        if self.mode == "1f1b" and self.microbatches < self.stages:
+            raise ValueError(f"--mode 1f1b needs --microbatches >= --stages ({self.stages}), got {self.microbatches}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
+        if self.snapshot_every < 0:
+            raise ValueError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
         if self.peer_timeout <= 0:
@@ -155,12 +185,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--task", default=d.task, help=f"task to train (default: {d.task})")
     a("--steps", type=int, default=None, help="training steps (default: --epochs worth)")
     a("--epochs", type=float, default=d.epochs, help=f"passes over the training set (default: {d.epochs})")
+    a("--time-budget", type=float, default=None, metavar="SECONDS",
+      help="stop training after this many seconds, or at --steps / --epochs if sooner (default: none)")
+    a("--microbatches", type=int, default=d.microbatches,
+      help=f"gpipe, 1f1b: microbatches per batch (default: {d.microbatches})")
+    a("--snapshot-every", type=int, default=d.snapshot_every, metavar="N",
+      help="copy the weights every N steps and evaluate the copies after training (summary.json 'curve': "
+           "accuracy against wall-clock time); 0 = none (default: 0)")
     a("--batch-size", type=int, default=None,
       help=f"minibatch size (default: the task's: {_task_defaults('batch_size')})")
     a("--lr", type=float, default=None,
       help=f"Adam learning rate of the stages (default: the task's: {_task_defaults('lr')})")
     a("--sg", choices=SG_KINDS, default=d.sg, help=f"synthetic-gradient module kind (default: {d.sg})")
-    a("--sg-hidden", type=int, default=d.sg_hidden, help=f"hidden width of mlp/linear-bn SGs (default: {d.sg_hidden})")
+    a("--sg-hidden", type=int, default=d.sg_hidden,
+      help=f"hidden width (rank) of low-rank/mlp/linear-bn SGs (default: {d.sg_hidden})")
     a("--sg-lr", type=float, default=None,
       help=f"Adam learning rate of the SGs (default: the task's: {_task_defaults('sg_lr')})")
     a("--hidden-size", type=int, default=None,
@@ -169,6 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"hidden layers; LSTM layers for copy, repeat-copy, lm (default: {d.num_layers})")
     a("--bptt", type=int, default=None,
       help=f"copy, repeat-copy, lm: truncation length (default: {_task_defaults('bptt')})")
+    a("--sg-scale", type=float, default=None,
+      help=f"copy, repeat-copy, lm: factor on the temporal SG's gradient (default: {_task_defaults('sg_scale')})")
     a("--max-repeats", type=int, default=d.max_repeats,
       help=f"repeat-copy: repeat counts are drawn from 1..N (default: {d.max_repeats})")
     a("--vocab-size", type=int, default=d.vocab_size, help=f"lm: largest vocabulary (default: {d.vocab_size})")

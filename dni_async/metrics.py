@@ -57,13 +57,15 @@ class StageStats:
     device: str = "cpu"
     steps: int = 0
     busy_s: float = 0.0
+    cpu_s: float = 0.0
     sg_loss_last: float | None = None
     loss_last: float | None = None
     max_staleness: int = 0
     dropped_targets: int = 0
     step_times: list[float] = field(default_factory=list)
 
-    def summary(self, transport_stats: Any, wall_s: float) -> dict[str, Any]:
+    def summary(self, transport_stats: Any, wall_s: float, threads: int = 1) -> dict[str, Any]:
+        """The stage's figures; ``cpu_fraction``: the process's CPU time over ``wall_s x threads``."""
         stats = asdict(transport_stats)
         return {
             "stage": self.stage,
@@ -71,6 +73,7 @@ class StageStats:
             "device": self.device,
             "steps": self.steps,
             "busy_fraction": round(self.busy_s / wall_s, 4) if wall_s > 0 else 0.0,
+            "cpu_fraction": round(self.cpu_s / (wall_s * threads), 4) if wall_s > 0 else 0.0,
             "sg_loss_last": self.sg_loss_last,
             "loss_last": self.loss_last,
             "messages_sent": stats["messages_sent"],

@@ -17,12 +17,13 @@ from .config import PipelineConfig
 from .metrics import JsonLines, steady_samples_per_s, write_json_atomic
 from .partition import check_stage_shapes, partition
 from .runtime import AbortWatchdog, StageEnv, gather_json, init_stage, resolve_device, shutdown
+from .snapshots import accuracy_curve
 from .stage import StageWorker
-from .synthetic import Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
+from .synthetic import Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI, LowRankDNI
 from .task import PipelineTask
 from .transport import TransportOptions, make_transport
 
-__all__ = ["PipelineTask", "build_sg", "run_pipeline", "setup_logging", "validate"]
+__all__ = ["PipelineTask", "build_sg", "run_pipeline", "setup_logging", "start_stage", "validate", "write_summary"]
 
 log = logging.getLogger("dni_async")
 
@@ -44,6 +45,8 @@ def build_sg(kind: str, shape: int | tuple[int, ...], hidden: int, context_size:
         return LinearDNI(features, hidden, features, num_layers=0, context_size=context_size)
     if kind == "mlp":
         return LinearDNI(features, hidden, features, num_layers=1, context_size=context_size)
+    if kind == "low-rank":
+        return LowRankDNI(features, hidden, features, context_size=context_size)
     if kind == "linear-bn":
         return LinearBatchNormDNI(features, hidden, features, context_size=context_size)
     if kind == "linear-sigmoid":
@@ -65,7 +68,7 @@ def setup_logging(stage: int | str) -> None:
     root.setLevel(logging.INFO)
 
 
-def _stage_file(config: PipelineConfig, env: StageEnv, endpoint: str | None, status: str) -> None:
+def write_stage_file(config: PipelineConfig, env: StageEnv, endpoint: str | None, status: str) -> None:
     write_json_atomic(Path(config.run_dir) / "stages" / f"stage-{env.rank}.json", {
         "stage": env.rank, "rank": env.rank, "pid": os.getpid(), "host": env.host, "device": str(env.device),
         "threads": config.threads_per_stage, "transport": config.transport,
@@ -73,7 +76,7 @@ def _stage_file(config: PipelineConfig, env: StageEnv, endpoint: str | None, sta
     })
 
 
-def _clear_outputs(run_dir: Path) -> None:
+def clear_outputs(run_dir: Path) -> None:
     """Remove a previous run's outputs from ``run_dir`` (shared files are appended to)."""
     for name in ("metrics.jsonl", "summary.json"):
         (run_dir / name).unlink(missing_ok=True)
@@ -95,6 +98,35 @@ def validate(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequen
     return stages, check_stage_shapes(stages, torch.zeros(2, *task.input_shape, dtype=task.input_dtype))
 
 
+def start_stage(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequential], list[torch.Size],
+                                                                    StageEnv, AbortWatchdog]:
+    """What every stage process does first: check the input, join the torchrun world (gloo control plane),
+    log with its stage in every line, set its threads, start the abort watchdog."""
+    stages, shapes = validate(task, config)
+    env = init_stage(config.stages, config.devices)
+    setup_logging(env.rank)
+    torch.set_num_threads(config.threads_per_stage)
+    return stages, shapes, env, AbortWatchdog(env).start()
+
+
+def write_summary(config: PipelineConfig, task: PipelineTask, reports: list[dict[str, Any]], wall: float,
+                  transport: str, **extra: Any) -> dict[str, Any]:
+    """Rank 0: summary.json from every stage's report (stage order); returned too."""
+    summary = {
+        "mode": config.mode, "task": task.name, "stages": config.stages, "transport": transport,
+        "steps": reports[0]["per_stage"]["steps"], "batch_size": config.batch_size, **extra,
+        "wall_s": round(wall, 3), "samples_per_s": reports[-1]["samples_per_s"],
+        "final_eval": reports[-1]["final_eval"], "evals": reports[-1].get("evals", {}),
+        "task_result": reports[0].get("task_result"), "dataset": reports[0]["dataset"],
+        "curve": accuracy_curve(reports, reports[0]["start_time"]),
+        "threads_per_stage": config.threads_per_stage,
+        "per_stage": [r["per_stage"] for r in reports], "config": config.to_dict(),
+    }
+    write_json_atomic(Path(config.run_dir) / "summary.json", summary)
+    log.info("done: %s", {k: summary[k] for k in ("steps", "wall_s", "samples_per_s", "final_eval")})
+    return summary
+
+
 def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] | None:
     """Run this process's stage of ``task`` (call it in every process torchrun starts).
 
@@ -105,11 +137,7 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         ValueError: for bad input, before any training.
         LaunchError: outside torchrun or with a world size other than ``config.stages``.
     """
-    stages, shapes = validate(task, config)
-    env = init_stage(config.stages, config.devices)
-    setup_logging(env.rank)
-    torch.set_num_threads(config.threads_per_stage)
-    watchdog = AbortWatchdog(env).start()
+    stages, shapes, env, watchdog = start_stage(task, config)
     transport = None
     endpoint = None
     try:
@@ -132,14 +160,14 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         transport.connect(endpoints)
         run_dir = Path(config.run_dir)
         if env.is_main:
-            _clear_outputs(run_dir)
+            clear_outputs(run_dir)
         torch.distributed.barrier()  # nobody appends to the previous run's files
-        _stage_file(config, env, endpoint, "running")
+        write_stage_file(config, env, endpoint, "running")
         metrics = JsonLines(run_dir / "metrics.jsonl")
         events = JsonLines(run_dir / "events" / f"stage-{env.rank}.jsonl")
         worker = StageWorker(env.rank, config.stages, block, transport, config, env.device, task, sg, metrics, events)
         torch.distributed.barrier()
-        start = time.perf_counter()
+        start, start_time, cpu_start = time.perf_counter(), time.time(), time.process_time()
         dataset = None
         if data is not None:
             batches, steps, eval_data, dataset = data
@@ -157,28 +185,22 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         else:
             worker.run_next()
         wall = time.perf_counter() - start
+        worker.stats.cpu_s = time.process_time() - cpu_start
         metrics.close()
         events.close()
-        report = {"per_stage": worker.stats.summary(transport.stats, wall), "final_eval": worker.final_eval,
+        report = {"per_stage": worker.stats.summary(transport.stats, wall, config.threads_per_stage),
+                  "final_eval": worker.final_eval,
                   "samples_per_s": steady_samples_per_s(worker.stats.step_times, config.batch_size),
-                  "dataset": dataset, "evals": worker.evals,
+                  "dataset": dataset, "evals": worker.evals, "start_time": start_time,
+                  "snapshot_times": worker.snapshots.times(),
+                  "curve_evals": {str(k): v for k, v in worker.curve_evals.items()},
                   "task_result": task.result() if env.is_main and task.result is not None else None}
-        _stage_file(config, env, endpoint, "done")
+        write_stage_file(config, env, endpoint, "done")
         reports = gather_json(report)
         watchdog.stop()
         summary = None
         if reports is not None:
-            summary = {
-                "mode": config.mode, "task": task.name, "stages": config.stages, "transport": config.transport,
-                "steps": reports[0]["per_stage"]["steps"], "batch_size": config.batch_size,
-                "wall_s": round(wall, 3), "samples_per_s": reports[-1]["samples_per_s"],
-                "final_eval": reports[-1]["final_eval"], "evals": reports[-1]["evals"],
-                "task_result": reports[0]["task_result"], "dataset": reports[0]["dataset"],
-                "threads_per_stage": config.threads_per_stage,
-                "per_stage": [r["per_stage"] for r in reports], "config": config.to_dict(),
-            }
-            write_json_atomic(run_dir / "summary.json", summary)
-            log.info("done: %s", {k: summary[k] for k in ("steps", "wall_s", "samples_per_s", "final_eval")})
+            summary = write_summary(config, task, reports, wall, config.transport)
         transport.close()
         shutdown()
         return summary
@@ -186,7 +208,7 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         log.error("failed: %s: %s", type(err).__name__, err)
         watchdog.report(err)
         try:
-            _stage_file(config, env, endpoint, "failed")
+            write_stage_file(config, env, endpoint, "failed")
         finally:
             if transport is not None:
                 transport.close()

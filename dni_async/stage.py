@@ -14,7 +14,9 @@ from torch import nn
 
 from .config import PipelineConfig
 from .metrics import JsonLines, StageStats, rss_mb
+from .optim import fast_adam
 from .recurrent import reset_states
+from .snapshots import Snapshots
 from .synthetic import DNINetwork
 from .task import EvalData, Item, PipelineTask, unpack
 from .transport import Message, Transport
@@ -70,8 +72,8 @@ class StageWorker:
         self.first, self.last = stage == 0, stage == num_stages - 1
         self.block, self.transport, self.config, self.device = block, transport, config, device
         self.task, self.sg = task, sg
-        self.opt = torch.optim.Adam(block.parameters(), lr=config.lr)
-        self.sg_opt = torch.optim.Adam(sg.parameters(), lr=config.sg_lr) if sg is not None else None
+        self.opt = fast_adam(block.parameters(), config.lr)
+        self.sg_opt = fast_adam(sg.parameters(), config.sg_lr) if sg is not None else None
         self.metrics, self.events = metrics, events
         self.stats = StageStats(stage=stage, device=str(device))
         self.stash: OrderedDict[int, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
@@ -85,13 +87,19 @@ class StageWorker:
         self._event_buffer: list[dict[str, Any]] = []
         self._loss: torch.Tensor | None = None       # latest loss (last stage) / SG loss, as tensors
         self._sg_loss: torch.Tensor | None = None
+        self.snapshots = Snapshots(block, config.snapshot_every)
+        self.curve_evals: dict[int, dict[str, Any]] = {}  # last stage: eval summary of each snapshot step
 
     # ------------------------------------------------------------ entry points
 
     def run_first(self, batches: Iterator[Item], steps: int, eval_data: EvalData,
                   on_step: Callable[[int, dict[str, Any]], None] | None = None) -> None:
-        """Stage 0: read the data, train ``steps`` steps, evaluate, stop the pipeline."""
+        """Stage 0: read the data, train ``steps`` steps (or until ``--time-budget``), evaluate, stop."""
+        deadline = time.perf_counter() + self.config.time_budget if self.config.time_budget else None
         for t in range(steps):
+            if deadline is not None and time.perf_counter() >= deadline:
+                log.info("time budget of %.1f s spent after %d steps", self.config.time_budget, t)
+                break
             if self.config.eval_every and t and t % self.config.eval_every == 0:
                 self._send_eval(eval_data, final=False)
             x, y, meta = unpack(next(batches))
@@ -99,6 +107,8 @@ class StageWorker:
             if on_step is not None:
                 on_step(t, self.latest)
         self._send_eval(eval_data, final=True)
+        for step in self.snapshots.steps():  # after training, so evaluating them costs it nothing
+            self._send_eval(eval_data, final=False, extra={"snapshot": step})
         self._finish()
 
     def run_next(self) -> None:
@@ -128,6 +138,7 @@ class StageWorker:
         if not self.first:
             x.requires_grad_(True)
         comm = self._wait_for_window(t)
+        self._event("step_start", t)
         self.block.train()
         if meta.get("reset"):
             reset_states(self.block, training=True)
@@ -164,6 +175,7 @@ class StageWorker:
             self._drain_grads(t)
         self.stats.steps += 1
         self.stats.step_times.append(time.perf_counter())
+        self.snapshots.maybe_take(t + 1)
         if (t + 1) % self.config.log_every == 0:
             self._log_metrics(t)
 
@@ -212,6 +224,7 @@ class StageWorker:
             self.stats.dropped_targets += 1
             return
         start = time.perf_counter()
+        self._event("sg_start", msg.step)
         h, ctx = entry
         target = msg.tensors[0].to(self.device)
         if target.shape != h.shape:
@@ -240,6 +253,7 @@ class StageWorker:
 
     @torch.no_grad()
     def _eval_forward(self, x: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+        self.snapshots.select(meta.get("snapshot"))
         self.block.eval()
         if meta.get("reset"):
             reset_states(self.block, training=False)
@@ -247,10 +261,11 @@ class StageWorker:
         self.block.train()
         return out
 
-    def _send_eval(self, eval_data: EvalData, final: bool) -> None:
+    def _send_eval(self, eval_data: EvalData, final: bool, extra: dict[str, Any] | None = None) -> None:
         items = eval_data(final) if callable(eval_data) else eval_data
         for k, item in enumerate(items):
             x, y, meta = unpack(item)
+            meta.update(extra or {})
             if k == len(items) - 1:
                 meta["last"] = True
             self._eval_step(Message("eval", k, self.stage, [x, y], meta))
@@ -264,7 +279,9 @@ class StageWorker:
             self._send(self.stage + 1, Message("eval", msg.step, self.stage, [h, y], msg.meta))
             return
         summary = self._score("eval", h, y.to(self.device), msg.meta)
-        if summary is not None:
+        if summary is not None and "snapshot" in summary:
+            self.curve_evals[int(summary["snapshot"])] = summary
+        elif summary is not None:
             self.final_eval = summary
             if "split" in summary:
                 self.evals[str(summary["split"])] = summary
@@ -299,6 +316,7 @@ class StageWorker:
                 self._on_backward(msg, self.stats.steps)
         if not self.first:
             self._send(self.stage - 1, Message("stop", self.stats.steps, self.stage))
+        self.snapshots.select(None)
         self._read_losses()
         self._flush_events()
 

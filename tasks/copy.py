@@ -63,6 +63,11 @@ class Curriculum:
             self.length += 1
             self.errors = []
 
+    @property
+    def error(self) -> float | None:
+        """Mean error of the batches recorded so far at the current length (None before the first)."""
+        return sum(self.errors) / len(self.errors) if self.errors else None
+
 
 def copy_model_blocks(hidden_size: int, num_layers: int, temporal_sg: bool, sg_lr: float,
                       sg_scale: float = 1.0) -> list[nn.Module]:
@@ -128,7 +133,8 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
     torch.manual_seed(config.seed)
     bptt = config.bptt
     assert bptt is not None, "PipelineConfig resolves --bptt for copy"
-    blocks = copy_model_blocks(config.hidden_size, config.num_layers, config.mode != "backprop", config.sg_lr)
+    blocks = copy_model_blocks(config.hidden_size, config.num_layers, config.mode != "backprop", config.sg_lr,
+                               config.sg_scale)
     curriculum = Curriculum()
     latest: dict[str, Any] = {}  # PipelineTask.latest: what the last stage relays back
 
@@ -160,13 +166,14 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
                         num_classes=BITS + 2, context_fn=lambda labels: labels, metric_fn=bit_errors,
                         summarize=bits_summary, train_metrics=True, latest=latest, data=data,
                         result=lambda: {"longest_solved": curriculum.longest_solved, "bptt": bptt,
-                                        "threshold": THRESHOLD, "curriculum_length": curriculum.length})
+                                        "threshold": THRESHOLD, "curriculum_length": curriculum.length,
+                                        "error_at_length": curriculum.error})
 
 
 def train(task: str = "copy", mode: str = "dni", steps: int = 20_000, bptt: int = DEFAULTS["bptt"],
           batch_size: int = DEFAULTS["batch_size"], hidden_size: int = DEFAULTS["hidden_size"], num_layers: int = 1,
           lr: float = DEFAULTS["lr"], sg_lr: float = DEFAULTS["sg_lr"], max_repeats: int = 3,
-          seed: int = 0, progress: bool = True, sg_scale: float = 1.0) -> dict[str, Any]:
+          seed: int = 0, progress: bool = True, sg_scale: float = DEFAULTS["sg_scale"]) -> dict[str, Any]:
     """Train in one process for ``steps`` truncated chunks with the curriculum; return what it reached.
 
     Args:
@@ -213,8 +220,8 @@ def train(task: str = "copy", mode: str = "dni", steps: int = 20_000, bptt: int 
         bar.set_postfix(length=curriculum.length, solved=curriculum.longest_solved, refresh=False)
     bar.close()
     return {"longest_solved": curriculum.longest_solved, "curriculum_length": curriculum.length,
-            "sequences": sequences, "chunks": done, "sg_fit_last_10pct": sg_fit(model),
-            "wall_s": round(time.perf_counter() - start, 2)}
+            "error_at_length": curriculum.error, "sequences": sequences, "chunks": done,
+            "sg_fit_last_10pct": sg_fit(model), "wall_s": round(time.perf_counter() - start, 2)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--sg-lr", type=float, default=DEFAULTS["sg_lr"],
                         help="Adam learning rate of the SGs (default: %(default)s)")
-    parser.add_argument("--sg-scale", type=float, default=1.0,
+    parser.add_argument("--sg-scale", type=float, default=DEFAULTS["sg_scale"],
                         help="factor on the injected synthetic gradient (default: %(default)s)")
     parser.add_argument("--max-repeats", type=int, default=3, help="repeat-copy: largest repeat count (default: 3)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

@@ -61,10 +61,11 @@ def resolve_corpus_dir(data_dir: str | None) -> tuple[Path, str]:
     raise FileNotFoundError(f"no train.txt, valid.txt and test.txt in {' or '.join(map(str, tried))}")
 
 
-def lm_blocks(vocab: int, hidden_size: int, num_layers: int, temporal_sg: bool, sg_lr: float) -> list[nn.Module]:
+def lm_blocks(vocab: int, hidden_size: int, num_layers: int, temporal_sg: bool, sg_lr: float,
+              sg_scale: float = 1.0) -> list[nn.Module]:
     """``num_layers`` blocks: embedding + LSTM, LSTM ..., LSTM + decoder (one block when ``num_layers`` is 1)."""
-    layers: list[nn.Module] = [TruncatedLSTM(hidden_size, hidden_size, temporal_sg=temporal_sg, sg_lr=sg_lr)
-                               for _ in range(num_layers)]
+    layers: list[nn.Module] = [TruncatedLSTM(hidden_size, hidden_size, temporal_sg=temporal_sg, sg_lr=sg_lr,
+                                             sg_scale=sg_scale) for _ in range(num_layers)]
     layers[0] = nn.Sequential(nn.Embedding(vocab, hidden_size), layers[0])
     layers[-1] = nn.Sequential(layers[-1], nn.Linear(hidden_size, vocab))
     return layers
@@ -108,7 +109,8 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
     bptt = config.bptt
     assert bptt is not None, "PipelineConfig resolves --bptt for lm"
     vocab = len(corpus.vocab)
-    blocks = lm_blocks(vocab, config.hidden_size, config.num_layers, config.mode != "backprop", config.sg_lr)
+    blocks = lm_blocks(vocab, config.hidden_size, config.num_layers, config.mode != "backprop", config.sg_lr,
+                       config.sg_scale)
 
     def train_items(items: list[Item], steps: int) -> Iterator[Item]:
         for t in range(steps):

@@ -13,6 +13,7 @@ from dni_async.config import PipelineConfig, config_from_args
 from dni_async.metrics import steady_samples_per_s
 from dni_async.partition import balanced_split, check_stage_shapes, partition
 from dni_async.pipeline import build_sg
+from dni_async.synthetic import LowRankDNI
 
 
 def brute_force(costs: list[int], parts: int) -> int:
@@ -81,12 +82,24 @@ def test_steady_throughput_skips_warmup() -> None:
     assert steady_samples_per_s(times[:3], batch_size=10) is None
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp", "linear-bn", "linear-sigmoid"])
+@pytest.mark.parametrize("kind", ["linear", "low-rank", "mlp", "linear-bn", "linear-sigmoid"])
 def test_build_sg_kinds(kind: str) -> None:
     sg = build_sg(kind, 16, 8, context_size=3)
     h = torch.randn(4, 16)
     out, _ = sg(h, None, context=torch.eye(3)[[0, 1, 2, 0]])
     assert out.shape == h.shape and torch.count_nonzero(out) == 0
+
+
+def test_low_rank_sg_is_a_linear_map_of_the_given_rank() -> None:
+    sg = build_sg("low-rank", 16, 3, context_size=0)
+    assert isinstance(sg, LowRankDNI) and sum(p.numel() for p in sg.parameters()) == 16 * 3 + 3 * 16 + 16
+    for p in sg.parameters():
+        torch.nn.init.normal_(p)
+    h, g = torch.randn(5, 16), torch.randn(5, 16)
+    out = lambda x: sg(x, None)[0]  # noqa: E731
+    torch.testing.assert_close(out(h + g) - out(g), out(h) - out(torch.zeros(1, 16)))  # affine
+    jacobian = torch.autograd.functional.jacobian(lambda x: out(x[None])[0], torch.zeros(16))
+    assert torch.linalg.matrix_rank(jacobian) == 3
 
 
 def test_build_sg_for_feature_maps() -> None:

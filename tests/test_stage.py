@@ -12,6 +12,7 @@ from torch import nn
 
 from dni_async.config import PipelineConfig
 from dni_async.metrics import JsonLines
+from dni_async.optim import fast_adam
 from dni_async.pipeline import build_sg
 from dni_async.stage import StageWorker
 from dni_async.task import PipelineTask
@@ -120,3 +121,56 @@ def test_stash_drops_oldest_and_counts(tmp_path: Path) -> None:
     transport.inbox["backward"] = [grad(0)]
     worker._drain_grads(5)
     assert worker.stats.dropped_targets == 3 and worker.stats.max_staleness == 5
+
+
+
+def stop_when_finishing(worker: StageWorker, transport: ScriptedTransport) -> None:
+    """The next stage answers `stop` only once this one has sent its own (as a real one does)."""
+    finish = worker._finish
+
+    def finish_with_answer() -> None:
+        transport.inbox["backward"].append(Message("stop", worker.stats.steps, 1))
+        finish()
+
+    worker._finish = finish_with_answer  # type: ignore[method-assign]
+
+
+def test_snapshots_are_evaluated_after_training_and_the_live_weights_come_back(tmp_path: Path) -> None:
+    worker, transport = first_stage(tmp_path, snapshot_every=2)
+    assert worker.sg is not None
+    torch.nn.init.normal_(worker.sg.final.weight)  # a nonzero synthetic gradient: the block changes every step
+    stop_when_finishing(worker, transport)
+    eval_batches = [batch(), batch()]
+    worker.run_first(iter([batch() for _ in range(5)]), 5, eval_batches)
+    evals = [m for m in transport.sent if m.kind == "eval"]
+    assert [m.meta.get("snapshot") for m in evals] == [None, None, 2, 2, 4, 4]
+    assert [bool(m.meta.get("last")) for m in evals] == [False, True] * 3
+    live = {k: v.clone() for k, v in worker.block.state_dict().items()}
+    with torch.no_grad():
+        for states, sent in ((live, evals[0:2]), (worker.snapshots.taken[2][1], evals[2:4]),
+                             (worker.snapshots.taken[4][1], evals[4:6])):
+            worker.block.load_state_dict(states)
+            for (x, _), msg in zip(eval_batches, sent):
+                torch.testing.assert_close(msg.tensors[0], worker.block(x))
+    assert not torch.equal(live["0.weight"], worker.snapshots.taken[4][1]["0.weight"]), "step 5 trained on"
+
+
+def test_time_budget_stops_training_early(tmp_path: Path) -> None:
+    worker, transport = first_stage(tmp_path, time_budget=0.1, slow_stage={0: 0.03})
+    stop_when_finishing(worker, transport)
+    worker.run_first(iter([batch() for _ in range(50)]), 50, [batch()])
+    assert 1 <= worker.stats.steps <= 6
+    assert [m.kind for m in transport.sent][-2:] == ["eval", "stop"]
+
+
+def test_fast_adam_takes_the_same_step_as_adam() -> None:
+    a, b = nn.Linear(5, 3), nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    opts = [fast_adam(a.parameters(), 0.01), torch.optim.Adam(b.parameters(), lr=0.01)]
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        for model, opt in zip((a, b), opts):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(a.weight, b.weight)

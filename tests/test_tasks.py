@@ -12,10 +12,13 @@ import torch
 from test_pipeline import ok, torchrun
 from test_text_copy import KJV, write_corpus
 
+from dni_async.config import PipelineConfig
 from dni_async.data.make_subset import make_text_subset
 from dni_async.data.text import TEXT_SUBSET_DIR, Corpus
+from dni_async.recurrent import TruncatedLSTM
 from dni_async.task import unpack
 from tasks.copy import BITS, Curriculum, bit_errors, bits_summary, copy_loss, sequence_items
+from tasks.copy import pipeline_task as copy_pipeline_task
 from tasks.copy import train as train_copy
 from tasks.lm import nll_sums, perplexity, resolve_corpus_dir, stream_items
 from tasks.lm import train as train_lm
@@ -59,10 +62,19 @@ def test_curriculum_moves_on_after_a_window_below_the_threshold() -> None:
     assert cur.length == 1, "the window is full but its mean, 0.167, is not below 0.15"
     cur.record(1, 0.0)
     assert (cur.length, cur.longest_solved) == (2, 1), "the last three average 0.133"
-    assert cur.errors == []
-    for _ in range(3):
-        cur.record(2, 0.5)
+    assert cur.errors == [] and cur.error is None
+    for error in (0.5, 0.4, 0.6):
+        cur.record(2, error)
     assert (cur.length, cur.longest_solved) == (2, 1)
+    assert cur.error == pytest.approx(0.5)
+
+
+def test_copy_pipeline_layers_take_the_sg_scale() -> None:
+    task = copy_pipeline_task(PipelineConfig(task="copy", mode="dni", num_layers=2, hidden_size=8, sg_scale=0.25))
+    layers = [m for block in task.blocks for m in block.modules() if isinstance(m, TruncatedLSTM)]
+    assert len(layers) == 2 and all(layer.sg is not None and layer.sg_scale == 0.25 for layer in layers)
+    with pytest.raises(ValueError, match="--sg-scale"):
+        PipelineConfig(task="copy", sg_scale=-1)
 
 
 def test_lm_stream_chunks_predict_the_next_word() -> None:
@@ -139,7 +151,8 @@ def test_pipeline_curriculum_moves_on_from_the_relayed_error(tmp_path: Path) -> 
     """Stage 0 runs the curriculum on the training error the last stage relays back through the gradients."""
     run = tmp_path / "run"
     ok(torchrun(2, ["--stages", "2", "--task", "copy", "--mode", "backprop", "--steps", "400", "--bptt", "4",
-                    "--num-layers", "2", "--hidden-size", "64", "--no-progress", "--run-dir", str(run)], timeout=180))
+                    "--num-layers", "2", "--hidden-size", "64", "--lr", "1e-2", "--sg-lr", "1e-2", "--no-progress",
+                    "--run-dir", str(run)], timeout=180))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task_result"]["longest_solved"] >= 1, summary["task_result"]
     assert summary["final_eval"]["length"] == summary["task_result"]["curriculum_length"]

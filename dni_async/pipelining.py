@@ -1,0 +1,177 @@
+"""The pipeline-parallel baselines: the same task, stages and data trained by ``torch.distributed.pipelining``.
+
+``--mode gpipe`` and ``--mode 1f1b`` run ``PipelineStage`` with ``ScheduleGPipe``
+or ``Schedule1F1B`` (PyTorch's own, not a re-implementation): each batch is
+split into ``--microbatches`` microbatches, gradients are averaged over them,
+and every stage steps its Adam once per batch, as locked backprop does. The
+stages, blocks, seed, data order, optimizer and outputs (summary.json,
+metrics.jsonl, snapshots) are those of :func:`dni_async.pipeline.run_pipeline`,
+so the benchmark compares the methods, not the set-ups.
+
+The last stage computes the loss, so it reads the data too (the same seeded
+order as stage 0). Evaluation after training sends each eval batch forward
+with plain ``torch.distributed`` send/recv (eval mode, no microbatches).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from tqdm import tqdm
+
+from .config import PipelineConfig
+from .metrics import JsonLines, steady_samples_per_s
+from .optim import fast_adam
+from .pipeline import clear_outputs, start_stage, write_stage_file, write_summary
+from .runtime import StageEnv, gather_json, shutdown
+from .snapshots import Snapshots
+from .task import Item, PipelineTask, unpack
+
+__all__ = ["SCHEDULES", "run_pipelining"]
+
+log = logging.getLogger("dni_async")
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+def _broadcast_int(value: int) -> int:
+    """Rank 0's ``value`` on every rank (the control plane, gloo)."""
+    box = torch.tensor([value], dtype=torch.int64)
+    dist.broadcast(box, src=0)
+    return int(box.item())
+
+
+@torch.no_grad()
+def _evaluate(block: nn.Module, env: StageEnv, shapes: list[torch.Size], task: PipelineTask,
+              items: list[Item] | None) -> dict[str, Any] | None:
+    """One pass over the eval items through every stage (eval mode); the summary on the last stage."""
+    first, last = env.rank == 0, env.rank == env.world_size - 1
+    count = _broadcast_int(len(items) if first and items is not None else 0)
+    sums: dict[str, float] = {}
+    block.eval()
+    for k in range(count):
+        if first:
+            assert items is not None
+            x = unpack(items[k])[0].to(env.device)
+        else:
+            size = torch.zeros(1, dtype=torch.int64)
+            dist.recv(size, src=env.rank - 1)
+            x = torch.empty(int(size.item()), *shapes[env.rank - 1][1:])
+            dist.recv(x, src=env.rank - 1)
+            x = x.to(env.device)
+        h = block(x)
+        if last:
+            assert items is not None
+            for key, value in task.metric_fn(h, unpack(items[k])[1].to(env.device)).items():
+                sums[key] = sums.get(key, 0.0) + value
+        else:
+            dist.send(torch.tensor([h.shape[0]], dtype=torch.int64), dst=env.rank + 1)
+            dist.send(h.detach().cpu().contiguous(), dst=env.rank + 1)
+    block.train()
+    return task.summarize(sums) if last else None
+
+
+def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] | None:
+    """:func:`dni_async.pipeline.run_pipeline` for ``--mode gpipe`` / ``1f1b``: this process's stage of
+    ``task`` under that schedule; the same checks, errors, outputs and return value."""
+    stages, shapes, env, watchdog = start_stage(task, config)
+    first, last = env.rank == 0, env.rank == config.stages - 1
+    try:
+        data = task.data() if first or last else None
+        if env.is_main:
+            log.info("config: %s", config.to_dict())
+        block = stages[env.rank].to(env.device)
+        group = dist.new_group(backend="nccl") if env.device.type == "cuda" else None
+        # Shapes given up front (PipelineStage's static mode). Otherwise it infers them at the first step by
+        # running the block on uninitialised placeholders in training mode, which puts garbage into BatchNorm's
+        # running statistics, and sends the shapes between stages as pickled objects.
+        micro = config.batch_size // config.microbatches
+        in_shape = task.input_shape if first else tuple(shapes[env.rank - 1][1:])
+        stage = PipelineStage(block, env.rank, config.stages, env.device, group=group,
+                              input_args=torch.empty(micro, *in_shape, dtype=task.input_dtype, device="meta",
+                                                     requires_grad=not first),
+                              output_args=torch.empty(micro, *shapes[env.rank][1:], device="meta",
+                                                      requires_grad=True))
+        schedule = SCHEDULES[config.mode](stage, config.microbatches, loss_fn=task.loss_fn)
+        opt = fast_adam(block.parameters(), config.lr)
+        steps = _broadcast_int(data[1] if first and data is not None else 0)
+        run_dir = Path(config.run_dir)
+        if env.is_main:
+            clear_outputs(run_dir)
+        dist.barrier()
+        write_stage_file(config, env, None, "running")
+        metrics = JsonLines(run_dir / "metrics.jsonl")
+        snapshots = Snapshots(block, config.snapshot_every)
+        batches = data[0] if data is not None else None
+        bar = tqdm(total=steps, disable=not (config.progress and first), desc=f"{config.mode} x{config.stages}",
+                   unit="step")
+        dist.barrier()
+        start, start_time, cpu_start = time.perf_counter(), time.time(), time.process_time()
+        step_times: list[float] = []
+        losses: list[torch.Tensor] = []
+        for t in range(steps):
+            if config.time_budget is not None and not _broadcast_int(
+                    int(time.perf_counter() - start < config.time_budget)):
+                log.info("time budget of %.1f s spent after %d steps", config.time_budget, t)
+                break
+            opt.zero_grad(set_to_none=True)
+            if first or last:
+                assert batches is not None
+                x, y, _ = unpack(next(batches))
+            if first:
+                schedule.step(x.to(env.device))
+            elif last:
+                losses = []
+                schedule.step(target=y.to(env.device), losses=losses, return_outputs=False)
+            else:
+                schedule.step()
+            opt.step()
+            step_times.append(time.perf_counter())
+            snapshots.maybe_take(t + 1)
+            if last and losses and (t + 1) % config.log_every == 0:
+                metrics.write({"stage": env.rank, "step": t, "time": time.time(),
+                               "loss": float(torch.stack(losses).detach().mean())})
+            bar.update(1)
+        bar.close()
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
+        eval_items = None
+        if data is not None:
+            eval_items = data[2](True) if callable(data[2]) else data[2]
+        final_eval = _evaluate(block, env, shapes, task, eval_items)
+        curve_evals = {}
+        for step in snapshots.steps():
+            snapshots.select(step)
+            summary = _evaluate(block, env, shapes, task, eval_items)
+            if summary is not None:
+                curve_evals[str(step)] = summary
+        snapshots.select(None)
+        metrics.close()
+        report = {
+            "per_stage": {"stage": env.rank, "pid": os.getpid(), "device": str(env.device), "steps": len(step_times),
+                          "cpu_fraction": round(cpu / (wall * config.threads_per_stage), 4),
+                          "loss_last": float(torch.stack(losses).detach().mean()) if losses else None},
+            "samples_per_s": steady_samples_per_s(step_times, config.batch_size), "final_eval": final_eval,
+            "dataset": data[3] if data is not None else None, "start_time": start_time,
+            "snapshot_times": snapshots.times(), "curve_evals": curve_evals}
+        write_stage_file(config, env, None, "done")
+        reports = gather_json(report)
+        watchdog.stop()
+        summary = None
+        if reports is not None:
+            summary = write_summary(config, task, reports, wall, "torch.distributed.pipelining",
+                                    microbatches=config.microbatches)
+        shutdown()
+        return summary
+    except BaseException as err:
+        log.error("failed: %s: %s", type(err).__name__, err)
+        watchdog.report(err)
+        write_stage_file(config, env, None, "failed")
+        raise
