@@ -62,6 +62,7 @@ class StageStats:
     loss_last: float | None = None
     max_staleness: int = 0
     dropped_targets: int = 0
+    rejected_steps: int = 0
     step_times: list[float] = field(default_factory=list)
 
     def summary(self, transport_stats: Any, wall_s: float, threads: int = 1) -> dict[str, Any]:
@@ -82,6 +83,7 @@ class StageStats:
             "rejected_messages": stats["rejected"],
             "max_staleness": self.max_staleness,
             "dropped_targets": self.dropped_targets,
+            "rejected_steps": self.rejected_steps,
         }
 
 

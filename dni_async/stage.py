@@ -89,6 +89,7 @@ class StageWorker:
         self._sg_loss: torch.Tensor | None = None
         self.snapshots = Snapshots(block, config.snapshot_every)
         self.curve_evals: dict[int, dict[str, Any]] = {}  # last stage: eval summary of each snapshot step
+        self._last_act = -1                           # step of the last activation received
 
     # ------------------------------------------------------------ entry points
 
@@ -115,7 +116,10 @@ class StageWorker:
         """Stages 1..S-1: follow the forward queue until ``stop``."""
         while True:
             msg = self._recv("forward")
-            if msg.kind == "act":
+            if msg.kind == "act" and msg.step <= self._last_act:
+                self._reject_step(msg, f"activations must come in step order (last was step {self._last_act})")
+            elif msg.kind == "act":
+                self._last_act = msg.step
                 x, y = msg.tensors
                 self._train_step(msg.step, x, y, msg.meta)
             elif msg.kind == "eval":
@@ -214,6 +218,9 @@ class StageWorker:
     def _on_backward(self, msg: Message, t: int) -> None:
         if msg.kind != "grad":
             raise RuntimeError(f"[stage {self.stage}] unexpected {msg.kind!r} from stage {msg.src} while training")
+        if msg.step > t:
+            self._reject_step(msg, f"a gradient from the future (this stage is at step {t})")
+            return
         self.latest.update(msg.meta)
         self._event("grad_arrived", msg.step)
         staleness = t - msg.step
@@ -239,12 +246,23 @@ class StageWorker:
         self.stats.busy_s += time.perf_counter() - start
         self._event("sg_update", msg.step)
 
+    def _reject_step(self, msg: Message, why: str) -> None:
+        """Drop a message whose step cannot be right, log it (the first few) and count it."""
+        self.stats.rejected_steps += 1
+        if self.stats.rejected_steps <= 10:
+            log.warning("[stage %d] rejected %s for step %d from stage %d: %s", self.stage, msg.kind, msg.step,
+                        msg.src, why)
+
     def _wait_grad(self, t: int) -> torch.Tensor:
-        """Locked backprop: block until grad(t) arrives from the next stage."""
-        msg = self._recv("backward")
-        if msg.kind != "grad" or msg.step != t:
-            raise RuntimeError(f"[stage {self.stage}] expected grad for step {t}, got {msg.kind!r} for step "
-                               f"{msg.step} from stage {msg.src}")
+        """Locked backprop: block until grad(t) arrives from the next stage (others are rejected and counted)."""
+        while True:
+            msg = self._recv("backward")
+            if msg.kind != "grad":
+                raise RuntimeError(f"[stage {self.stage}] expected grad for step {t}, got {msg.kind!r} from stage "
+                                   f"{msg.src}")
+            if msg.step == t:
+                break
+            self._reject_step(msg, f"waiting for the gradient of step {t}")
         self.latest.update(msg.meta)
         self._event("grad_arrived", t)
         return msg.tensors[0].to(self.device)

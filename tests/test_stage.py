@@ -59,7 +59,8 @@ class ScriptedTransport(Transport):
 
 
 def first_stage(tmp_path: Path, **overrides: object) -> tuple[StageWorker, ScriptedTransport]:
-    config = PipelineConfig(stages=2, mode="dni", run_dir=str(tmp_path), log_every=1000, **overrides)  # type: ignore[arg-type]
+    settings: dict = {"stages": 2, "mode": "dni", "run_dir": str(tmp_path), "log_every": 1000, **overrides}
+    config = PipelineConfig(**settings)
     transport = ScriptedTransport(0, 2)
     block = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
     task = PipelineTask(name="test", blocks=[block], loss_fn=F.cross_entropy, input_shape=(4,), num_classes=3,
@@ -174,3 +175,32 @@ def test_fast_adam_takes_the_same_step_as_adam() -> None:
             model(x).pow(2).sum().backward()
             opt.step()
     torch.testing.assert_close(a.weight, b.weight)
+
+
+def test_a_gradient_for_the_wrong_step_is_rejected_and_counted(tmp_path: Path) -> None:
+    worker, transport = first_stage(tmp_path, mode="backprop")
+    transport.inbox["backward"] = [grad(5), grad(0)]  # a step from the future, then the one awaited
+    stop_when_finishing(worker, transport)
+    worker.run_first(iter([batch()]), 1, [batch()])
+    assert worker.stats.steps == 1 and worker.stats.rejected_steps == 1
+
+    worker, transport = first_stage(tmp_path / "dni")
+    transport.inbox["backward"] = [grad(3)]  # dni, during step 0
+    stop_when_finishing(worker, transport)
+    worker.run_first(iter([batch()]), 1, [batch()])
+    assert worker.stats.rejected_steps == 1 and worker.stats.dropped_targets == 0 and worker.stats.max_staleness == 0
+
+
+def test_activations_out_of_step_order_are_rejected(tmp_path: Path) -> None:
+    config = PipelineConfig(stages=2, mode="dni", run_dir=str(tmp_path), log_every=1000)
+    transport = ScriptedTransport(1, 2)
+    block = nn.Linear(4, 3)
+    task = PipelineTask(name="test", blocks=[block], loss_fn=F.cross_entropy, input_shape=(4,), num_classes=3,
+                        data=lambda: (iter([]), 0, [], "none"))
+    worker = StageWorker(1, 2, block, transport, config, torch.device("cpu"), task, None,
+                         JsonLines(tmp_path / "m.jsonl"), JsonLines(tmp_path / "e.jsonl"))
+    transport.inbox["forward"] = [Message("act", step, 0, list(batch())) for step in (0, 0, 1, 0)]
+    transport.inbox["forward"].append(Message("stop", 2, 0))
+    worker.run_next()
+    assert worker.stats.steps == 2 and worker.stats.rejected_steps == 2
+    assert [m.step for m in transport.sent if m.kind == "grad"] == [0, 1]
