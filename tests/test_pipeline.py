@@ -186,14 +186,15 @@ def test_bad_input_refused_before_training(tmp_path: Path, args: list[str], mess
     assert not (tmp_path / "summary.json").exists()
 
 
-def test_a_killed_stage_ends_the_run(tmp_path: Path, mnist_dir: Path) -> None:
-    """kill -9 of a middle stage: torchrun and the other stages exit non-zero within 10 s, nothing left."""
+@pytest.mark.parametrize("victim,transport", [(1, "zmq"), (0, "zmq"), (1, "rpc")])
+def test_a_killed_stage_ends_the_run(tmp_path: Path, mnist_dir: Path, victim: int, transport: str) -> None:
+    """kill -9 of a stage (rank 0 too): torchrun and the other stages exit non-zero within 10 s, nothing left."""
     import signal
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
            str(ROOT / "launch" / "pipeline.py"), "--stages", "3", "--steps", "100000", "--slow-stage", "2:0.01",
-           "--data-dir", str(mnist_dir), "--run-dir", str(run), *SMALL]
+           "--transport", transport, "--data-dir", str(mnist_dir), "--run-dir", str(run), *SMALL]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -205,7 +206,7 @@ def test_a_killed_stage_ends_the_run(tmp_path: Path, mnist_dir: Path) -> None:
             pids = [json.loads(f.read_text())["pid"] for f in files if f.stat().st_size]
         assert len(pids) == 3, "the stages did not start"
         time.sleep(1.0)
-        os.kill(pids[1], signal.SIGKILL)
+        os.kill(pids[victim], signal.SIGKILL)
         killed_at = time.monotonic()
         _, err = proc.communicate(timeout=30)
         took = time.monotonic() - killed_at
@@ -215,7 +216,7 @@ def test_a_killed_stage_ends_the_run(tmp_path: Path, mnist_dir: Path) -> None:
             proc.communicate()
     assert proc.returncode != 0
     assert took < 10, f"the run took {took:.1f} s to end after the kill"
-    assert "rank      : 1" in err or "local_rank: 1" in err, err[-3000:]
+    assert f"rank      : {victim}" in err or f"local_rank: {victim}" in err, err[-3000:]
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
