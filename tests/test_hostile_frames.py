@@ -89,8 +89,9 @@ def test_thousands_of_malformed_frames_do_not_stop_or_spoil_training(tmp_path: P
         socks.append(sock)
     rng = random.Random(0)
     sent = 0
+    attack_ends = time.monotonic() + 120  # a hard bound even if the run hung with every send refused
     try:
-        while proc.poll() is None and sent < 20_000:
+        while proc.poll() is None and sent < 20_000 and time.monotonic() < attack_ends:
             for frames in _hostile_frames(rng):
                 for sock in socks:
                     try:
