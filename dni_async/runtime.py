@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -19,6 +21,9 @@ __all__ = ["LaunchError", "StageEnv", "init_stage", "resolve_device", "gather_js
 
 log = logging.getLogger("dni_async")
 ABORT_KEY = "dni_async/abort"
+HEARTBEAT_KEY = "dni_async/heartbeat"
+DONE_KEY = "dni_async/done"
+PROCESS_KEY = "dni_async/process"
 
 
 class LaunchError(RuntimeError):
@@ -104,52 +109,115 @@ def gather_json(obj: Any) -> list[Any] | None:
 
 
 class AbortWatchdog:
-    """Make a failure anywhere end every stage quickly, naming the stage that failed.
+    """Make a failure anywhere, or a stage that stops answering, end every stage quickly and say which.
 
     A failing stage calls :meth:`report`, which writes its error under a key of
     the torchrun store. Every stage runs this watchdog thread, which polls the
     key and, when it appears, logs the failing stage and its error and ends the
     process with exit code 1 (``os._exit``: the main thread may be blocked in a
     socket or a collective that would never return).
+
+    The thread also beats: it adds 1 to this stage's heartbeat counter in the
+    store every ``beat_s`` and watches every other stage's counter. A counter
+    that has not moved for ``peer_timeout`` seconds means that stage's process
+    is stopped (``kill -STOP``) or wedged: the watchdog reports it as failed,
+    naming it, kills its process if it runs on this host, and exits. The beat
+    comes from this thread, not the stage loop, so long legitimate waits (a
+    neighbour's evaluation, backpressure) never look like a hang. A stage that has finished marks itself done first.
     """
 
-    def __init__(self, env: StageEnv, on_abort: Any = None, interval: float = 0.2) -> None:
+    def __init__(self, env: StageEnv, on_abort: Any = None, interval: float = 0.2, peer_timeout: float = 60.0,
+                 beat_s: float = 1.0) -> None:
         self.env = env
         self.on_abort = on_abort
         self.interval = interval
+        self.peer_timeout = peer_timeout
+        self.beat_s = min(beat_s, peer_timeout / 4)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="abort-watchdog", daemon=True)
+        self._seen: dict[int, tuple[int, float]] = {}  # rank -> (last counter value, when it last moved)
+        self._next_beat = 0.0
 
     def start(self) -> AbortWatchdog:
+        self.env.store.set(f"{PROCESS_KEY}/{self.env.rank}", json.dumps({"host": self.env.host, "pid": os.getpid()}))
         self._thread.start()
         return self
 
-    def report(self, error: BaseException) -> None:
-        """Tell every stage that this one failed."""
-        text = json.dumps({"stage": self.env.rank, "error": f"{type(error).__name__}: {error}"})
+    def report(self, error: BaseException | str, stage: int | None = None) -> None:
+        """Tell every stage that ``stage`` (default: this one) failed."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        info = json.dumps({"stage": self.env.rank if stage is None else stage, "error": text})
         try:
-            self.env.store.set(ABORT_KEY, text)
+            self.env.store.set(ABORT_KEY, info)
         except Exception as err:  # noqa: BLE001 - the store may be gone with the agent
             log.error("[stage %d] could not report the failure to the other stages: %s", self.env.rank, err)
 
     def stop(self) -> None:
+        """This stage is done: stop watching, and tell the others not to miss its heartbeat."""
         self._stop.set()
+        with contextlib.suppress(Exception):  # the store may already be going away at the very end
+            self.env.store.set(f"{DONE_KEY}/{self.env.rank}", "1")
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
+                self._beat()
                 if not self.env.store.check([ABORT_KEY]):
                     continue
                 info = json.loads(self.env.store.get(ABORT_KEY).decode())
             except Exception:  # noqa: BLE001 - store gone: the agent is tearing the run down
                 info = {"stage": "?", "error": "the torchrun store is gone (agent or rank 0 died)"}
-            if info.get("stage") == self.env.rank:
+            if self._stop.is_set() or info.get("stage") == self.env.rank:
                 return
-            log.error("[stage %d] aborting: stage %s failed: %s", self.env.rank, info.get("stage"), info.get("error"))
-            if self.on_abort is not None:
-                self.on_abort(info)
-            logging.shutdown()
-            os._exit(1)
+            self._exit(info)
+
+    def _beat(self) -> None:
+        """Beat once a ``beat_s``; report a stage whose counter has not moved for ``peer_timeout``."""
+        now = time.monotonic()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.beat_s
+        self.env.store.add(f"{HEARTBEAT_KEY}/{self.env.rank}", 1)
+        for rank in range(self.env.world_size):
+            if rank == self.env.rank:
+                continue
+            count = self.env.store.add(f"{HEARTBEAT_KEY}/{rank}", 0)
+            last = self._seen.get(rank)
+            if last is None or count != last[0]:
+                self._seen[rank] = (count, now)
+            elif now - last[1] > self.peer_timeout and not self.env.store.check([f"{DONE_KEY}/{rank}"]):
+                error = (f"no heartbeat for {now - last[1]:.0f} s (--peer-timeout {self.peer_timeout:g}): its "
+                         f"process is stopped or hung")
+                if self._stop.is_set():
+                    return
+                self.report(error, stage=rank)
+                self._kill_if_local(rank)
+                self._exit({"stage": rank, "error": error})
+
+    def kill_if_silent(self, rank: int) -> None:
+        """Kill stage ``rank``'s process if it runs on this host and its heartbeat has stopped (it is stopped or
+        wedged, not merely slow): called when a send to it timed out, so that the run ends now."""
+        seen = self._seen.get(rank)
+        if seen is not None and time.monotonic() - seen[1] > 3 * self.beat_s:
+            self._kill_if_local(rank)
+
+    def _kill_if_local(self, rank: int) -> None:
+        """SIGKILL a hung stage's process if it runs on this host: a stopped process ignores torchrun's SIGTERM,
+        and torchrun would wait 30 s before its SIGKILL."""
+        try:
+            where = json.loads(self.env.store.get(f"{PROCESS_KEY}/{rank}").decode())
+            if where["host"] == self.env.host:
+                os.kill(int(where["pid"]), signal.SIGKILL)
+                log.error("[stage %d] killed the process of stage %d (pid %d)", self.env.rank, rank, where["pid"])
+        except Exception as err:  # noqa: BLE001 - best effort: torchrun's agent on its host ends it too
+            log.warning("[stage %d] could not kill stage %d's process: %s", self.env.rank, rank, err)
+
+    def _exit(self, info: dict[str, Any]) -> None:
+        log.error("[stage %d] aborting: stage %s failed: %s", self.env.rank, info.get("stage"), info.get("error"))
+        if self.on_abort is not None:
+            self.on_abort(info)
+        logging.shutdown()
+        os._exit(1)
 
 
 def shutdown(timeout_s: float = 30.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -12,35 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, ok, torchrun
 
 from dni_async.partition import partition
 from tasks.mnist import _batches, fcn_blocks
 
 SMALL = ["--hidden-size", "64", "--num-layers", "2", "--no-progress", "--log-every", "5"]
-
-
-def torchrun(nproc: int, args: list[str], timeout: float = 120, env: dict[str, str] | None = None,
-             script: Path = ROOT / "launch" / "pipeline.py") -> subprocess.CompletedProcess[str]:
-    """Run ``script`` (default launch/pipeline.py) under torchrun with a hard timeout; the whole process group
-    dies on expiry."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(script), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s\nstderr:\n{err[-5000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstderr:\n{result.stderr[-6000:]}"
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -221,6 +199,52 @@ def test_a_killed_stage_ends_the_run(tmp_path: Path, mnist_dir: Path, victim: in
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
+
+@pytest.mark.parametrize("victim,transport", [(1, "zmq"), (0, "zmq"), (1, "rpc")])
+def test_a_stopped_stage_ends_the_run(tmp_path: Path, mnist_dir: Path, victim: int, transport: str) -> None:
+    """kill -STOP of a stage: the others notice the missing heartbeat within --peer-timeout, name it, exit non-zero."""
+    import signal
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+           str(ROOT / "launch" / "pipeline.py"), "--stages", "3", "--steps", "100000", "--slow-stage", "2:0.01",
+           "--peer-timeout", "4", "--transport", transport, "--data-dir", str(mnist_dir), "--run-dir", str(run),
+           *SMALL]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(pids) < 3:
+            time.sleep(0.2)
+            files = sorted((run / "stages").glob("stage-*.json")) if (run / "stages").exists() else []
+            pids = [json.loads(f.read_text())["pid"] for f in files if f.stat().st_size]
+        assert len(pids) == 3, "the stages did not start"
+        time.sleep(1.0)
+        os.kill(pids[victim], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - stopped_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        for pid in pids:  # never leave a stopped process behind, whatever happened
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    # the missing heartbeat, or a send to it that timed out first (rpc's calls time out at --peer-timeout too)
+    assert f"stage {victim} failed: no heartbeat" in err or f"lost stage {victim}: " in err, err[-3000:]
+    assert 4 <= took < 4 + 10, f"the run took {took:.1f} s to end after the stop (--peer-timeout 4)"
+
+
+def test_a_wait_longer_than_peer_timeout_is_not_a_hang(tmp_path: Path, mnist_dir: Path) -> None:
+    """Locked backprop: stage 0 waits 3 s for each gradient of a slow (but beating) stage, with --peer-timeout 2."""
+    result = torchrun(2, ["--stages", "2", "--mode", "backprop", "--steps", "3", "--slow-stage", "1:3",
+                          "--peer-timeout", "2", "--data-dir", str(mnist_dir), "--run-dir", str(tmp_path), *SMALL],
+                      120)
+    ok(result)
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
 
 
 USER_SCRIPT = '''

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import ok, torchrun
+from conftest import ok, torchrun
 from test_text_copy import KJV, write_corpus
 
 from dni_async.config import PipelineConfig
