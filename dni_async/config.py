@@ -97,7 +97,14 @@ class PipelineConfig:
     stash_size: int = 64
     """Activations kept for SG training while their gradients are in flight; older ones are dropped and counted."""
     peer_timeout: float = 60.0
-    """Seconds a peer may leave a send blocked before the run aborts."""
+    """Seconds a peer may stay silent (no heartbeat) or leave a send blocked before the run aborts."""
+    checkpoint_every: int = 0
+    """Write a checkpoint set (every stage, atomically, with a manifest) every N steps; 0: none."""
+    resume: str | None = None
+    """Run folder whose newest complete checkpoint set this run continues from."""
+    curve_keys: str | None = None
+    """Folder of CURVE keys (``python -m dni_async keys DIR --stages N``): encrypt and authenticate the zmq
+    data plane; None: plain tcp."""
     log_every: int = 10
     """Steps between metrics lines."""
     progress: bool = True
@@ -156,6 +163,16 @@ class PipelineConfig:
             raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
         if self.peer_timeout <= 0:
             raise ValueError(f"--peer-timeout must be > 0, got {self.peer_timeout}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if (self.checkpoint_every or self.resume) and (self.mode in PIPELINING_MODES
+                                                       or self.task not in PIPELINING_TASKS):
+            raise ValueError(f"--checkpoint-every and --resume cover the modes dni, cdni, backprop on the tasks "
+                             f"{PIPELINING_TASKS}, not --mode {self.mode} --task {self.task} (recurrent tasks carry "
+                             f"state that checkpoints do not save yet: LSTM state, temporal-SG optimizers, the "
+                             f"curriculum)")
+        if self.curve_keys is not None and self.transport != "zmq":
+            raise ValueError(f"--curve-keys secures the zmq transport; --transport {self.transport} has no CURVE")
         if self.devices is not None and len(self.devices) != self.stages:
             raise ValueError(f"--devices names {len(self.devices)} devices for {self.stages} stages")
 
@@ -232,7 +249,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--stash-size", type=int, default=d.stash_size,
       help=f"activations kept awaiting their gradient (default: {d.stash_size})")
     a("--peer-timeout", type=float, default=d.peer_timeout,
-      help=f"seconds before a silent peer aborts the run (default: {d.peer_timeout})")
+      help=f"seconds a stage may go without a heartbeat (stopped, hung) or leave a send blocked before the "
+           f"run aborts (default: {d.peer_timeout})")
+    a("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
+      help="write a checkpoint set to RUN_DIR/checkpoints every N steps; 0 = none (default: 0)")
+    a("--resume", default=None, metavar="RUN_DIR",
+      help="continue from the newest complete checkpoint set in RUN_DIR (same model flags; --steps counts "
+           "from 0, so it must exceed the checkpoint's step)")
+    a("--curve-keys", default=None, metavar="DIR",
+      help="encrypt and authenticate the zmq data plane with the CURVE keys in DIR (make them with "
+           "`python -m dni_async keys DIR --stages N`); peers with unknown keys are refused (default: off)")
     a("--log-every", type=int, default=d.log_every, help=f"steps between metrics lines (default: {d.log_every})")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--fail-stage", type=_stage_values, default={}, metavar="I:STEP",

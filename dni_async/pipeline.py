@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .checkpoint import Checkpointer, check_compatible, load_stage, newest_complete
 from .config import PipelineConfig
 from .metrics import JsonLines, steady_samples_per_s, write_json_atomic
 from .partition import check_stage_shapes, partition
@@ -21,11 +22,12 @@ from .snapshots import accuracy_curve
 from .stage import StageWorker
 from .synthetic import Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI, LowRankDNI
 from .task import PipelineTask
-from .transport import TransportOptions, make_transport
+from .transport import PeerLost, TransportOptions, make_transport
 
 __all__ = ["PipelineTask", "build_sg", "run_pipeline", "setup_logging", "start_stage", "validate", "write_summary"]
 
 log = logging.getLogger("dni_async")
+RESUME_KEY = "dni_async/resume_set"
 
 
 def build_sg(kind: str, shape: int | tuple[int, ...], hidden: int, context_size: int) -> DNINetwork:
@@ -76,9 +78,10 @@ def write_stage_file(config: PipelineConfig, env: StageEnv, endpoint: str | None
     })
 
 
-def clear_outputs(run_dir: Path) -> None:
-    """Remove a previous run's outputs from ``run_dir`` (shared files are appended to)."""
-    for name in ("metrics.jsonl", "summary.json"):
+def clear_outputs(run_dir: Path, resumed: bool) -> None:
+    """Remove a previous run's outputs from ``run_dir`` (shared files are appended to); a resumed run appends to
+    metrics.jsonl. Checkpoints are never removed here (see :func:`validate`)."""
+    for name in ("summary.json",) if resumed else ("metrics.jsonl", "summary.json"):
         (run_dir / name).unlink(missing_ok=True)
     for folder in ("events", "grads", "stages"):
         if (run_dir / folder).is_dir():
@@ -90,12 +93,34 @@ def validate(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequen
 
     Raises:
         ValueError: more stages than blocks, a device that is not there, stage
-            shapes that do not fit together.
+            shapes that do not fit together; a checkpoint set that does not fit
+            this config; checkpoints of an earlier run where this one would write its own.
+        FileNotFoundError: ``--resume`` names a folder without a complete checkpoint set.
     """
     for i, device in enumerate(config.devices or []):
         resolve_device(device, i)
     stages = partition(task.blocks, config.stages)
+    if config.resume:
+        _, manifest = newest_complete(config.resume)
+        check_compatible(manifest, config.to_dict())
+    own = Path(config.run_dir) / "checkpoints"
+    continuing = config.resume is not None and Path(config.resume).resolve() == Path(config.run_dir).resolve()
+    if config.checkpoint_every and not continuing and any(own.glob("step-*")):
+        raise ValueError(f"{own} holds checkpoints of an earlier run: continue it with --resume {config.run_dir}, "
+                         f"or choose another --run-dir, or remove them")
     return stages, check_stage_shapes(stages, torch.zeros(2, *task.input_shape, dtype=task.input_dtype))
+
+
+def _resume_state(config: PipelineConfig, env: StageEnv) -> dict[str, Any] | None:
+    """This stage's state from the set rank 0 picked (the newest complete one in ``--resume``); None: no resume."""
+    if not config.resume:
+        return None
+    if env.is_main:
+        set_dir, manifest = newest_complete(config.resume)
+        check_compatible(manifest, config.to_dict())
+        env.store.set(RESUME_KEY, str(set_dir))
+        log.info("resuming from %s (step %d)", set_dir, manifest["step"])
+    return load_stage(Path(env.store.get(RESUME_KEY).decode()), env.rank)
 
 
 def start_stage(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequential], list[torch.Size],
@@ -106,7 +131,7 @@ def start_stage(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Seq
     env = init_stage(config.stages, config.devices)
     setup_logging(env.rank)
     torch.set_num_threads(config.threads_per_stage)
-    return stages, shapes, env, AbortWatchdog(env).start()
+    return stages, shapes, env, AbortWatchdog(env, peer_timeout=config.peer_timeout).start()
 
 
 def write_summary(config: PipelineConfig, task: PipelineTask, reports: list[dict[str, Any]], wall: float,
@@ -152,7 +177,8 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
             context = task.num_classes if config.mode == "cdni" else 0
             sg = build_sg(config.sg, tuple(shapes[env.rank][1:]), config.sg_hidden, context).to(env.device)
         options = TransportOptions(bind_host=config.bind, advertise_host=config.advertise,
-                                   queue_size=config.queue_size, peer_timeout=config.peer_timeout)
+                                   queue_size=config.queue_size, peer_timeout=config.peer_timeout,
+                                   curve_keys=config.curve_keys)
         transport = make_transport(config.transport, env.rank, config.stages, options)
         endpoint = transport.bind()
         env.store.set(f"dni_async/endpoint/{env.rank}", endpoint)
@@ -160,12 +186,20 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         transport.connect(endpoints)
         run_dir = Path(config.run_dir)
         if env.is_main:
-            clear_outputs(run_dir)
+            clear_outputs(run_dir, resumed=config.resume is not None)
         torch.distributed.barrier()  # nobody appends to the previous run's files
         write_stage_file(config, env, endpoint, "running")
         metrics = JsonLines(run_dir / "metrics.jsonl")
         events = JsonLines(run_dir / "events" / f"stage-{env.rank}.jsonl")
-        worker = StageWorker(env.rank, config.stages, block, transport, config, env.device, task, sg, metrics, events)
+        checkpoints = None
+        if config.checkpoint_every:
+            checkpoints = Checkpointer(run_dir, env.rank, config.stages, config.checkpoint_every, env.store,
+                                       {"config": config.to_dict(), "blocks_per_stage": [len(s) for s in stages]})
+        worker = StageWorker(env.rank, config.stages, block, transport, config, env.device, task, sg, metrics, events,
+                             checkpoints)
+        resume = _resume_state(config, env)
+        if resume is not None:
+            worker.restore(resume)
         torch.distributed.barrier()
         start, start_time, cpu_start = time.perf_counter(), time.time(), time.process_time()
         dataset = None
@@ -188,7 +222,10 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         worker.stats.cpu_s = time.process_time() - cpu_start
         metrics.close()
         events.close()
-        report = {"per_stage": worker.stats.summary(transport.stats, wall, config.threads_per_stage),
+        per_stage = worker.stats.summary(transport.stats, wall, config.threads_per_stage)
+        if checkpoints is not None:
+            per_stage.update(checkpoints_saved=checkpoints.saved, checkpoint_s=round(checkpoints.seconds, 3))
+        report = {"per_stage": per_stage,
                   "final_eval": worker.final_eval,
                   "samples_per_s": steady_samples_per_s(worker.stats.step_times, config.batch_size),
                   "dataset": dataset, "evals": worker.evals, "start_time": start_time,
@@ -200,13 +237,16 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         watchdog.stop()
         summary = None
         if reports is not None:
-            summary = write_summary(config, task, reports, wall, config.transport)
+            resumed = {"run_dir": config.resume, "step": worker.start_step} if config.resume else None
+            summary = write_summary(config, task, reports, wall, config.transport, resumed_from=resumed)
         transport.close()
         shutdown()
         return summary
     except BaseException as err:
         log.error("failed: %s: %s", type(err).__name__, err)
         watchdog.report(err)
+        if isinstance(err, PeerLost):
+            watchdog.kill_if_silent(err.peer)
         try:
             write_stage_file(config, env, endpoint, "failed")
         finally:

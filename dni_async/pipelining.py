@@ -104,7 +104,7 @@ def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any]
         steps = _broadcast_int(data[1] if first and data is not None else 0)
         run_dir = Path(config.run_dir)
         if env.is_main:
-            clear_outputs(run_dir)
+            clear_outputs(run_dir, resumed=False)
         dist.barrier()
         write_stage_file(config, env, None, "running")
         metrics = JsonLines(run_dir / "metrics.jsonl")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import Checkpointer
 from .config import PipelineConfig
 from .metrics import JsonLines, StageStats, rss_mb
 from .optim import fast_adam
@@ -63,11 +65,12 @@ class StageWorker:
         sg: this stage's SG module (None on the last stage and in backprop mode).
         metrics: the shared metrics.jsonl writer.
         events: this stage's event log.
+        checkpoints: writes this stage's checkpoint files (``--checkpoint-every``); None: none.
     """
 
     def __init__(self, stage: int, num_stages: int, block: nn.Module, transport: Transport, config: PipelineConfig,
                  device: torch.device, task: PipelineTask, sg: DNINetwork | None, metrics: JsonLines,
-                 events: JsonLines) -> None:
+                 events: JsonLines, checkpoints: Checkpointer | None = None) -> None:
         self.stage, self.num_stages = stage, num_stages
         self.first, self.last = stage == 0, stage == num_stages - 1
         self.block, self.transport, self.config, self.device = block, transport, config, device
@@ -90,6 +93,8 @@ class StageWorker:
         self.snapshots = Snapshots(block, config.snapshot_every)
         self.curve_evals: dict[int, dict[str, Any]] = {}  # last stage: eval summary of each snapshot step
         self._last_act = -1                           # step of the last activation received
+        self.checkpoints = checkpoints
+        self.start_step = 0                           # > 0 when resumed from a checkpoint
 
     # ------------------------------------------------------------ entry points
 
@@ -97,7 +102,11 @@ class StageWorker:
                   on_step: Callable[[int, dict[str, Any]], None] | None = None) -> None:
         """Stage 0: read the data, train ``steps`` steps (or until ``--time-budget``), evaluate, stop."""
         deadline = time.perf_counter() + self.config.time_budget if self.config.time_budget else None
-        for t in range(steps):
+        if self.start_step >= steps:
+            raise ValueError(f"the checkpoint is at step {self.start_step}: --steps must be above it, got {steps}")
+        for _ in range(self.start_step):  # the data position: the same items the uninterrupted run would read
+            next(batches)
+        for t in range(self.start_step, steps):
             if deadline is not None and time.perf_counter() >= deadline:
                 log.info("time budget of %.1f s spent after %d steps", self.config.time_budget, t)
                 break
@@ -180,6 +189,8 @@ class StageWorker:
         self.stats.steps += 1
         self.stats.step_times.append(time.perf_counter())
         self.snapshots.maybe_take(t + 1)
+        if self.checkpoints is not None and self.checkpoints.due(t + 1):
+            self.checkpoints.save(t + 1, self.checkpoint_state())
         if (t + 1) % self.config.log_every == 0:
             self._log_metrics(t)
 
@@ -266,6 +277,41 @@ class StageWorker:
         self.latest.update(msg.meta)
         self._event("grad_arrived", t)
         return msg.tensors[0].to(self.device)
+
+    # ----------------------------------------------------------- checkpoints
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What resuming this stage needs: block, SG, both optimizers, RNG states, data position (between steps)."""
+        return {
+            "block": self.block.state_dict(), "sg": self.sg.state_dict() if self.sg is not None else None,
+            "opt": self.opt.state_dict(), "sg_opt": self.sg_opt.state_dict() if self.sg_opt is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+            "data_position": self.stats.steps,
+            "latest": {k: v for k, v in self.latest.items() if isinstance(v, (bool, int, float, str))},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`checkpoint_state` (loaded with ``weights_only=True``) taken after its ``step``.
+
+        The learning rates are this run's (``--lr``, ``--sg-lr``), not the checkpoint's.
+        """
+        self.block.load_state_dict(state["block"])
+        self.opt.load_state_dict(state["opt"])
+        for group in self.opt.param_groups:
+            group["lr"] = self.config.lr
+        if self.sg is not None and self.sg_opt is not None:
+            self.sg.load_state_dict(state["sg"])
+            self.sg_opt.load_state_dict(state["sg_opt"])
+            for group in self.sg_opt.param_groups:
+                group["lr"] = self.config.sg_lr
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.latest.update(state["latest"])
+        self.start_step = self.stats.steps = int(state["step"])
+        self._last_act = self.start_step - 1
 
     # ------------------------------------------------------------------ eval
 

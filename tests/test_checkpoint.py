@@ -1,0 +1,243 @@
+"""Checkpoints: atomic sets and their manifest, weights-only loading, resume (bitwise in backprop), export."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import ROOT, ok, torchrun
+from test_stage import ScriptedTransport, batch, first_stage
+
+from dni_async import checkpoint
+from dni_async.checkpoint import Checkpointer, check_compatible, load_stage, newest_complete
+from dni_async.config import PipelineConfig
+from dni_async.pipeline import validate
+from dni_async.transport import Message
+from tasks import get_pipeline_task
+from tasks.mnist import evaluate, fcn_blocks, load_splits
+
+SMALL = ["--hidden-size", "64", "--num-layers", "2", "--no-progress", "--log-every", "5"]
+META = {"config": {"task": "t"}, "blocks_per_stage": [1, 1]}
+
+
+def write_set(run_dir: Path, step: int, stages: tuple[int, ...], store: Any) -> None:
+    for stage in stages:
+        Checkpointer(run_dir, stage, 2, 1, store, META).save(step, {"block": {"0.w": torch.full((3,), float(step))}})
+
+
+def test_a_set_is_complete_only_when_every_stage_has_written(tmp_path: Path) -> None:
+    store = dist.HashStore()
+    write_set(tmp_path, 2, (0,), store)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint set"):
+        newest_complete(tmp_path)
+    write_set(tmp_path, 2, (1,), store)
+    set_dir, manifest = newest_complete(tmp_path)
+    assert manifest["step"] == 2 and [f["stage"] for f in manifest["files"]] == [0, 1]
+    assert load_stage(set_dir, 1)["block"]["0.w"].tolist() == [2.0] * 3
+    write_set(tmp_path, 4, (0,), store)  # stage 1 "dies" before its file of step 4
+    assert newest_complete(tmp_path)[1]["step"] == 2
+
+
+def test_a_file_damaged_after_the_manifest_makes_the_set_incomplete(tmp_path: Path) -> None:
+    store = dist.HashStore()
+    write_set(tmp_path, 2, (0, 1), store)
+    write_set(tmp_path, 4, (0, 1), store)
+    path = tmp_path / "checkpoints" / "step-00000004" / "stage-1.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
+    assert newest_complete(tmp_path)[1]["step"] == 2
+
+
+def test_a_crash_during_a_write_leaves_no_file_and_no_manifest(tmp_path: Path, monkeypatch: Any) -> None:
+    store = dist.HashStore()
+    write_set(tmp_path, 2, (0, 1), store)
+
+    def dying_save(obj: Any, f: Any) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise SystemExit("killed while writing")
+
+    write_set(tmp_path, 4, (0,), store)
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    with pytest.raises(SystemExit):
+        write_set(tmp_path, 4, (1,), store)
+    set_dir = tmp_path / "checkpoints" / "step-00000004"
+    assert not (set_dir / "stage-1.pt").exists() and not (set_dir / "manifest.json").exists()
+    assert newest_complete(tmp_path)[1]["step"] == 2
+
+
+def test_only_the_newest_complete_sets_are_kept(tmp_path: Path) -> None:
+    store = dist.HashStore()
+    for step in (1, 2, 3, 4, 5):
+        write_set(tmp_path, step, (0, 1), store)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-00000003", "step-00000004", "step-00000005"]
+
+
+def test_loading_is_weights_only(tmp_path: Path) -> None:
+    set_dir = tmp_path / "set"
+    set_dir.mkdir()
+    torch.save({"format": 1, "stage": 0, "payload": Path("/etc")}, set_dir / "stage-0.pt")  # a pickled object
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_stage(set_dir, 0)
+
+
+def test_resume_refuses_another_model() -> None:
+    manifest = {"config": {**PipelineConfig(stages=2).to_dict()}}
+    check_compatible(manifest, PipelineConfig(stages=2, lr=0.5, steps=9).to_dict())  # training flags may change
+    expected = r"--mode 'dni' \(checkpoint\) vs 'backprop'; --hidden-size 256 \(checkpoint\) vs 64"
+    with pytest.raises(ValueError, match=expected):
+        check_compatible(manifest, PipelineConfig(stages=2, hidden_size=64, mode="backprop").to_dict())
+
+
+def test_validate_guards_checkpoint_folders(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = PipelineConfig(stages=2, resume=str(run), run_dir=str(run))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint set"):
+        validate(get_pipeline_task(config), config)
+    write_set(run, 2, (0,), dist.HashStore())
+    config = PipelineConfig(stages=2, checkpoint_every=5, run_dir=str(run))
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        validate(get_pipeline_task(config), config)
+    with pytest.raises(ValueError, match="recurrent tasks carry state"):
+        PipelineConfig(stages=2, task="copy", checkpoint_every=5)
+
+
+def test_worker_state_round_trip_continues_identically(tmp_path: Path) -> None:
+    """Block, SG and both optimizers restored (weights_only) give the next update bit for bit."""
+    a, _ = first_stage(tmp_path / "a")
+    for t in range(3):
+        a._train_step(t, *batch(), {})
+    path = tmp_path / "state.pt"
+    torch.save({**a.checkpoint_state(), "step": 3}, path)
+    b, _ = first_stage(tmp_path / "b")
+    b.restore(torch.load(path, weights_only=True))
+    assert b.start_step == 3 and b.stats.steps == 3
+    x, y = batch()
+    a._train_step(3, x, y, {})
+    b._train_step(3, x, y, {})
+    for p, q in zip([*a.block.parameters(), *a.sg.parameters()], [*b.block.parameters(), *b.sg.parameters()]):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+class StopAtEnd(ScriptedTransport):
+    """Answers the final wait for ``stop`` (the scripted transport would refuse to wait forever)."""
+
+    def recv(self, direction: str, timeout: float | None = None) -> Message | None:
+        if timeout is None and not self.inbox[direction]:
+            return Message("stop", 0, 1)
+        return super().recv(direction, timeout)
+
+
+def test_resumed_first_stage_continues_the_data_position(tmp_path: Path) -> None:
+    worker, _ = first_stage(tmp_path)
+    transport = StopAtEnd(0, 2)
+    worker.transport = transport
+    state = {**worker.checkpoint_state(), "step": 5}
+    worker.restore(state)
+    items = [(torch.full((5, 4), float(i)), torch.zeros(5, dtype=torch.long)) for i in range(8)]
+    worker.run_first(iter(items), 8, [], None)
+    acts = [m for m in transport.sent if m.kind == "act"]
+    assert [m.step for m in acts] == [5, 6, 7]
+    assert [float(m.tensors[1].sum()) for m in acts] == [0.0] * 3
+    assert worker.stats.steps == 8
+    with pytest.raises(ValueError, match="--steps must be above it"):
+        worker.run_first(iter(items), 5, [], None)
+
+
+def run_args(run: Path, mnist_dir: Path, *extra: str) -> list[str]:
+    return ["--stages", "2", "--steps", "30", "--checkpoint-every", "15", "--data-dir", str(mnist_dir),
+            "--run-dir", str(run), *SMALL, *extra]
+
+
+def test_backprop_resume_is_bitwise_the_uninterrupted_run(tmp_path: Path, mnist_dir: Path) -> None:
+    """N steps, a crash, a resume to 2N: the same parameters as 2N steps straight through; export matches both."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    ok(torchrun(2, run_args(straight, mnist_dir, "--mode", "backprop"), 120))
+    crashed = torchrun(2, run_args(broken, mnist_dir, "--mode", "backprop", "--fail-stage", "1:17"), 120)
+    assert crashed.returncode != 0 and "injected failure at step 17" in crashed.stderr
+    assert newest_complete(broken)[1]["step"] == 15
+    ok(torchrun(2, run_args(broken, mnist_dir, "--mode", "backprop", "--resume", str(broken)), 120))
+    summary = json.loads((broken / "summary.json").read_text())
+    assert summary["resumed_from"] == {"run_dir": str(broken), "step": 15} and summary["steps"] == 30
+    for stage in (0, 1):
+        a = load_stage(newest_complete(straight)[0], stage)
+        b = load_stage(newest_complete(broken)[0], stage)
+        assert a["step"] == b["step"] == 30
+        torch.testing.assert_close(a["block"], b["block"], rtol=0, atol=0)
+        torch.testing.assert_close(a["opt"]["state"], b["opt"]["state"], rtol=0, atol=0)
+
+    out = tmp_path / "model.pt"
+    cli = subprocess.run([sys.executable, "-m", "dni_async", "export", str(broken), str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    assert "at step 30" in cli.stdout
+    model = torch.nn.Sequential(*fcn_blocks(64, 2))
+    model.load_state_dict(torch.load(out, weights_only=True))
+    _, (x_test, y_test), _ = load_splits(str(mnist_dir))
+    assert evaluate(model, x_test, y_test) == summary["final_eval"]["accuracy"]
+    # torch alone (dni_async unimportable) loads it into a plain model of the same layout
+    plain = (
+        "import sys, torch\nfrom torch import nn\nsys.modules['dni_async'] = None\n"
+        "state = torch.load(sys.argv[1], weights_only=True)\n"
+        "def block(i, o, flat=False): return nn.Sequential(*([nn.Flatten()] if flat else []), nn.Linear(i, o), "
+        "nn.BatchNorm1d(o), nn.ReLU())\n"
+        "model = nn.Sequential(block(784, 64, True), block(64, 64), nn.Linear(64, 10))\n"
+        "model.load_state_dict(state)\nprint(len(state))\n")
+    loaded = subprocess.run([sys.executable, "-c", plain, str(out)], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == str(len(model.state_dict())), loaded.stderr
+
+
+def test_dni_resume_continues_steps_and_metrics(tmp_path: Path, mnist_dir: Path) -> None:
+    run = tmp_path / "run"
+    crashed = torchrun(2, run_args(run, mnist_dir, "--fail-stage", "1:20"), 120)
+    assert crashed.returncode != 0
+    ok(torchrun(2, run_args(run, mnist_dir, "--resume", str(run)), 120))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"]["step"] == 15 and summary["steps"] == 30
+    assert [s["steps"] for s in summary["per_stage"]] == [30, 30]
+    assert [s["checkpoints_saved"] for s in summary["per_stage"]] == [1, 1]  # step 30 only: 15 was there
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [line["step"] for line in lines if line["stage"] == 0 and "samples_per_s" in line]
+    assert steps[:2] == [4, 9] and steps[-1] == 29 and 14 in steps  # the first run's lines are kept
+    assert newest_complete(run)[1]["step"] == 30
+
+
+def test_kill_9_while_checkpointing_every_step_leaves_only_complete_manifests(tmp_path: Path,
+                                                                            mnist_dir: Path) -> None:
+    """A set is written every step; kill -9 lands at a random point of some write: no set that has a manifest is
+    incomplete, and the newest complete set loads on every stage."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "launch" / "pipeline.py"), *run_args(run, mnist_dir, "--checkpoint-every", "1"),
+           "--steps", "100000"]  # the later flags win
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list((run / "checkpoints").glob("step-*"))) < 2:
+            time.sleep(0.1)
+        time.sleep(random.uniform(0.5, 1.5))
+        pid = json.loads((run / "stages" / "stage-1.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode != 0
+    sets = sorted((run / "checkpoints").glob("step-*"))
+    with_manifest = [d for d in sets if (d / "manifest.json").exists()]
+    assert with_manifest and all(checkpoint._verify(d) is not None for d in with_manifest)
+    set_dir, manifest = newest_complete(run)
+    assert [load_stage(set_dir, s)["step"] for s in (0, 1)] == [manifest["step"]] * 2
