@@ -66,6 +66,9 @@ class TransportOptions:
     """Seconds a send may block on a full peer before the peer counts as lost."""
     max_message_bytes: int = 1 << 30
     """Largest message accepted from the network; larger ones are rejected."""
+    curve_keys: str | None = None
+    """Folder of ZeroMQ CURVE keys (``python -m dni_async keys DIR --stages N``): the zmq transport encrypts its
+    connections and admits only the neighbour's key on each socket; None: plain tcp."""
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:

@@ -15,11 +15,13 @@ from typing import Any, Callable, Mapping
 import zmq
 
 from .. import protocol
+from ..curve import Gate, HandshakeWatch, load_keys, start_gate
 from .base import (
     DIRECTION_KINDS,
     DIRECTIONS,
     Aborted,
     Message,
+    PeerLost,
     RejectLog,
     SendDeadline,
     Transport,
@@ -46,12 +48,15 @@ logger = logging.getLogger("dni_async.transport")
 #
 # The I/O thread polls only the PULL sockets whose queue has room. A full
 # queue therefore leaves its socket unread: zmq's buffers fill up to the
-# high-water marks (RCVHWM here, SNDHWM at the sender, 1 message each, plus the kernel's tcp
-# buffers) and the sender's send() blocks, then raises PeerLost after
+# high-water marks (RCVHWM here, SNDHWM at the sender, 1 message each, RCVHWM 2
+# with CURVE, plus the kernel's tcp buffers) and the sender's send() blocks, then raises PeerLost after
 # peer_timeout. The other direction keeps being drained, which is what keeps a
 # stage blocked on sending activations able to receive gradients: no deadlock.
 # recv() pokes the I/O thread through a pipe when it frees a slot in a paused
 # queue, so a paused socket resumes at once instead of on the next poll tick.
+# With ``curve_keys`` the sockets are CURVE servers/clients and a ZAP handler
+# thread (owning its own sockets) admits one key per PULL socket: [Note: CURVE on
+# the data plane] in curve.py.
 #
 # [Note: zero-copy sends]
 # send_multipart(copy=False) hands zmq memoryviews of the tensors' own memory
@@ -111,14 +116,25 @@ class ZmqTransport(Transport):
         stage: this stage's index.
         num_stages: number of stages.
         options: shared settings; ``queue_size`` bounds each inbound queue and is
-            every socket's high-water mark.
+            every socket's high-water mark; ``curve_keys`` turns on CURVE (see curve.py).
+
+    Attributes:
+        gate: with CURVE, the ZAP check of inbound handshakes (``gate.refused`` counts refused ones).
+
+    Raises:
+        FileNotFoundError, ValueError: if a CURVE key file this stage needs is missing or invalid.
     """
 
     def __init__(self, stage: int, num_stages: int, options: TransportOptions) -> None:
         super().__init__(stage, num_stages, options)
+        # keys first: a missing or bad key file fails here, before any socket or thread exists
+        self._curve = load_keys(options.curve_keys, stage, num_stages) if options.curve_keys else None
+        self._auth: Any = None  # ThreadAuthenticator (ZAP handler) while CURVE is on; see curve.py
+        self.gate: Gate | None = None
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._inbound: dict[str, _Inbound] = {}
         self._outbound: dict[int, zmq.Socket[Any]] = {}
+        self._watches: dict[int, HandshakeWatch] = {}  # CURVE: handshake failures per peer, owned like the PUSHes
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -160,9 +176,13 @@ class ZmqTransport(Transport):
             advertise = socket.gethostname()
             logger.info("[Stage %d] wildcard bind; advertising host name %r", self.stage, advertise)
         peers = {"forward": self.stage - 1, "backward": self.stage + 1}
+        if self._curve is not None:  # the ZAP handler must be up before a CURVE server binds (curve.py)
+            self._auth, self.gate = start_gate(self._ctx, self._curve, peers)
         urls = {}
         for direction in DIRECTIONS:
             sock = self._socket(zmq.PULL, bind_host)
+            if self._curve is not None:
+                self._curve.serve(sock, domain=direction)
             # refuse a frame larger than any valid one before zmq buffers it whole
             sock.setsockopt(zmq.MAXMSGSIZE, self.options.max_message_bytes + protocol.MAX_HEADER_BYTES)
             self._inbound[direction] = _Inbound(direction, peers[direction], sock, queue.Queue(self.options.queue_size))
@@ -196,6 +216,9 @@ class ZmqTransport(Transport):
             # IMMEDIATE: queue nothing for a peer that is not (or no longer) connected,
             # so that sending to a dead peer blocks and times out instead of piling up.
             sock.setsockopt(zmq.IMMEDIATE, 1)
+            if self._curve is not None:
+                self._curve.connect_to(sock, peer)
+                self._watches[peer] = HandshakeWatch(sock)
             sock.connect(url)
             self._outbound[peer] = sock
 
@@ -207,7 +230,8 @@ class ZmqTransport(Transport):
         PeerLost. The tensors must not be modified in place afterwards.
 
         Raises:
-            PeerLost: if the peer took nothing for ``options.peer_timeout`` seconds.
+            PeerLost: if the peer took nothing for ``options.peer_timeout`` seconds, or (CURVE) refused
+                this stage's handshake.
             Aborted: if an abort arrives while this send is blocked on a full peer.
             ValueError: if ``dst`` is not a neighbour, ``msg.src`` is not this stage, the kind
                 does not travel that way (grad goes to stage - 1, act/eval to stage + 1), or
@@ -234,6 +258,10 @@ class ZmqTransport(Transport):
             remaining = wait.remaining(self._abort)
             if remaining is None:
                 return
+            if dst in self._watches and (failure := self._watches[dst].failure()):
+                if wait.best_effort:  # an abort never raises PeerLost
+                    return
+                raise PeerLost(dst, failure)  # a refused key: waiting out peer_timeout would not help
             if while_blocked is not None:
                 while_blocked()
             sock.poll(int(min(remaining, _WAIT_SLICE_S) * 1000) + 1, zmq.POLLOUT)
@@ -381,10 +409,14 @@ class ZmqTransport(Transport):
             if self._thread.is_alive():
                 logger.error("[Stage %d] transport I/O thread did not stop", self.stage)
                 return  # leave its sockets, pipe and context alone rather than pull them from under it
+        for watch in self._watches.values():
+            watch.close()
         for sock in self._outbound.values():
             sock.close(linger=_CLOSE_LINGER_MS)
         for inb in self._inbound.values():
             inb.socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()  # its sockets live in our context: before term()
         self._ctx.term()
         fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
         for fd in fds:
