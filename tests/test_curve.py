@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import stat
 import subprocess
@@ -17,7 +15,7 @@ from typing import Any, Iterator
 import pytest
 import torch
 import zmq
-from conftest import ROOT
+from conftest import ROOT, ok, torchrun
 
 from dni_async.curve import generate_keys, key_paths, load_keys
 from dni_async.protocol import encode
@@ -357,18 +355,11 @@ def test_the_wire_is_encrypted(keys: Path, curve: bool) -> None:
 def test_a_training_run_with_curve_keys(tmp_path: Path, mnist_dir: Path) -> None:
     generate_keys(tmp_path / "keys", 2)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "launch" / "pipeline.py"), "--stages", "2", "--mode", "dni", "--steps", "30",
-           "--hidden-size", "64", "--num-layers", "2", "--no-progress", "--log-every", "10",
-           "--curve-keys", str(tmp_path / "keys"), "--data-dir", str(mnist_dir), "--run-dir", str(run)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"the run did not finish in 180 s:\n{proc.communicate()[1][-5000:]}")
-    assert proc.returncode == 0, err[-6000:]
+    result = torchrun(2, ["--stages", "2", "--mode", "dni", "--steps", "30", "--hidden-size", "64", "--num-layers", "2",
+                          "--no-progress", "--log-every", "10", "--curve-keys", str(tmp_path / "keys"),
+                          "--data-dir", str(mnist_dir), "--run-dir", str(run)], 180)
+    ok(result)
+    err = result.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["config"]["curve_keys"] == str(tmp_path / "keys")
     assert "refused a CURVE handshake" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -164,52 +165,15 @@ def test_bad_input_refused_before_training(tmp_path: Path, args: list[str], mess
     assert not (tmp_path / "summary.json").exists()
 
 
-@pytest.mark.parametrize("victim,transport", [(1, "zmq"), (0, "zmq"), (1, "rpc")])
-def test_a_killed_stage_ends_the_run(tmp_path: Path, mnist_dir: Path, victim: int, transport: str) -> None:
-    """kill -9 of a stage (rank 0 too): torchrun and the other stages exit non-zero within 10 s, nothing left."""
-    import signal
+def signal_a_stage(run: Path, mnist_dir: Path, victim: int, sig: int, *args: str) -> tuple[int, str, float, list[int]]:
+    """Start a 3-stage run, send ``sig`` to stage ``victim`` once all three run, wait for torchrun's exit.
 
-    run = tmp_path / "run"
+    Returns torchrun's exit code, its stderr, the seconds from the signal to its exit, and the stage pids (no
+    stage process is left afterwards, whatever happened: the test then checks they were gone already).
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
            str(ROOT / "launch" / "pipeline.py"), "--stages", "3", "--steps", "100000", "--slow-stage", "2:0.01",
-           "--transport", transport, "--data-dir", str(mnist_dir), "--run-dir", str(run), *SMALL]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        pids: list[int] = []
-        while time.monotonic() < deadline and len(pids) < 3:
-            time.sleep(0.2)
-            files = sorted((run / "stages").glob("stage-*.json")) if (run / "stages").exists() else []
-            pids = [json.loads(f.read_text())["pid"] for f in files if f.stat().st_size]
-        assert len(pids) == 3, "the stages did not start"
-        time.sleep(1.0)
-        os.kill(pids[victim], signal.SIGKILL)
-        killed_at = time.monotonic()
-        _, err = proc.communicate(timeout=30)
-        took = time.monotonic() - killed_at
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode != 0
-    assert took < 10, f"the run took {took:.1f} s to end after the kill"
-    assert f"rank      : {victim}" in err or f"local_rank: {victim}" in err, err[-3000:]
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-
-
-@pytest.mark.parametrize("victim,transport", [(1, "zmq"), (0, "zmq"), (1, "rpc")])
-def test_a_stopped_stage_ends_the_run(tmp_path: Path, mnist_dir: Path, victim: int, transport: str) -> None:
-    """kill -STOP of a stage: the others notice the missing heartbeat within --peer-timeout, name it, exit non-zero."""
-    import signal
-
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
-           str(ROOT / "launch" / "pipeline.py"), "--stages", "3", "--steps", "100000", "--slow-stage", "2:0.01",
-           "--peer-timeout", "4", "--transport", transport, "--data-dir", str(mnist_dir), "--run-dir", str(run),
-           *SMALL]
+           "--data-dir", str(mnist_dir), "--run-dir", str(run), *SMALL, *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     pids: list[int] = []
@@ -221,18 +185,45 @@ def test_a_stopped_stage_ends_the_run(tmp_path: Path, mnist_dir: Path, victim: i
             pids = [json.loads(f.read_text())["pid"] for f in files if f.stat().st_size]
         assert len(pids) == 3, "the stages did not start"
         time.sleep(1.0)
-        os.kill(pids[victim], signal.SIGSTOP)
-        stopped_at = time.monotonic()
+        os.kill(pids[victim], sig)
+        sent_at = time.monotonic()
         _, err = proc.communicate(timeout=60)
-        took = time.monotonic() - stopped_at
+        took = time.monotonic() - sent_at
+        alive = [pid for pid in pids if _alive(pid)]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-        for pid in pids:  # never leave a stopped process behind, whatever happened
+        for pid in pids:  # never leave a (stopped) stage process behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    assert proc.returncode != 0
+    assert not alive, f"stage processes {alive} outlived torchrun"
+    return proc.returncode, err, took, pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("victim,transport", [(1, "zmq"), (0, "zmq"), (1, "rpc")])
+def test_a_killed_stage_ends_the_run(tmp_path: Path, mnist_dir: Path, victim: int, transport: str) -> None:
+    """kill -9 of a stage (rank 0 too): torchrun and the other stages exit non-zero within 10 s, nothing left."""
+    code, err, took, _ = signal_a_stage(tmp_path / "run", mnist_dir, victim, signal.SIGKILL, "--transport", transport)
+    assert code != 0
+    assert took < 10, f"the run took {took:.1f} s to end after the kill"
+    assert f"rank      : {victim}" in err or f"local_rank: {victim}" in err, err[-3000:]
+
+
+@pytest.mark.parametrize("victim,transport", [(1, "zmq"), (0, "zmq"), (1, "rpc")])
+def test_a_stopped_stage_ends_the_run(tmp_path: Path, mnist_dir: Path, victim: int, transport: str) -> None:
+    """kill -STOP of a stage: the others notice the missing heartbeat within --peer-timeout, name it, exit non-zero."""
+    code, err, took, _ = signal_a_stage(tmp_path / "run", mnist_dir, victim, signal.SIGSTOP, "--transport", transport,
+                                        "--peer-timeout", "4")
+    assert code != 0
     # the missing heartbeat, or a send to it that timed out first (rpc's calls time out at --peer-timeout too)
     assert f"stage {victim} failed: no heartbeat" in err or f"lost stage {victim}: " in err, err[-3000:]
     assert 4 <= took < 4 + 10, f"the run took {took:.1f} s to end after the stop (--peer-timeout 4)"
