@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -69,15 +70,28 @@ def test_every_hostile_message_is_refused_by_the_decoder_or_the_receiver() -> No
             decode(frames, 1 << 30)
 
 
-def test_thousands_of_malformed_frames_do_not_stop_or_spoil_training(tmp_path: Path, mnist_dir: Path) -> None:
-    clean, attacked = tmp_path / "clean", tmp_path / "attacked"
-    _finish(_start(clean, mnist_dir))
-    proc = _start(attacked, mnist_dir)
-    stage_files = [attacked / "stages" / f"stage-{i}.json" for i in range(2)]
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> dict:
+    """The summary of the same run with nobody attacking it."""
+    run = tmp_path_factory.mktemp("clean")
+    _finish(_start(run, mnist_dir))
+    return json.loads((run / "summary.json").read_text())  # type: ignore[no-any-return]
+
+
+def _wait_for_stages(run: Path, proc: subprocess.Popen[str]) -> list[Path]:
+    stage_files = [run / "stages" / f"stage-{i}.json" for i in range(2)]
     deadline = time.monotonic() + 120
-    while not all(f.exists() for f in stage_files):
+    while not all(f.exists() and f.stat().st_size for f in stage_files):
         assert time.monotonic() < deadline and proc.poll() is None, "the run never started"
         time.sleep(0.05)
+    return stage_files
+
+
+def test_thousands_of_malformed_frames_do_not_stop_or_spoil_training(tmp_path: Path, mnist_dir: Path,
+                                                                       clean_run: dict) -> None:
+    attacked = tmp_path / "attacked"
+    proc = _start(attacked, mnist_dir)
+    stage_files = _wait_for_stages(attacked, proc)
     targets = [parse_endpoint(json.loads(stage_files[0].read_text())["endpoints"]["data"])["backward"],
                parse_endpoint(json.loads(stage_files[1].read_text())["endpoints"]["data"])["forward"]]
     ctx = zmq.Context()
@@ -104,7 +118,7 @@ def test_thousands_of_malformed_frames_do_not_stop_or_spoil_training(tmp_path: P
             sock.close()
         ctx.term()
     _finish(proc)
-    base = json.loads((clean / "summary.json").read_text())
+    base = clean_run
     hit = json.loads((attacked / "summary.json").read_text())
     rejected = sum(s["rejected_messages"] + s["rejected_steps"] for s in hit["per_stage"])
     assert sent >= 2000, f"only {sent} frames went out while the run trained"
@@ -113,3 +127,53 @@ def test_thousands_of_malformed_frames_do_not_stop_or_spoil_training(tmp_path: P
     assert hit["steps"] == base["steps"] == 1500
     assert hit["final_eval"]["accuracy"] >= base["final_eval"]["accuracy"] - 0.02, (hit["final_eval"],
                                                                                     base["final_eval"])
+
+
+def listening_ports(pids: list[int]) -> list[int]:
+    """TCP ports on which any of ``pids`` listens (Linux: /proc)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                link = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:["):-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="finds the listening ports through Linux's /proc")
+def test_raw_bytes_on_every_listening_port_do_not_stop_training(tmp_path: Path, mnist_dir: Path,
+                                                                clean_run: dict) -> None:
+    """Random bytes on fresh tcp connections to every port the run listens on: both stages' zmq sockets, gloo's
+    listeners and torchrun's store (the agent). The run finishes with its accuracy."""
+    attacked = tmp_path / "attacked"
+    proc = _start(attacked, mnist_dir)
+    stage_files = _wait_for_stages(attacked, proc)
+    ports = listening_ports([proc.pid] + [json.loads(f.read_text())["pid"] for f in stage_files])
+    assert len(ports) >= 5, ports  # 2 zmq sockets per stage, and the store
+    rng = random.Random(1)
+    connections = 0
+    attack_ends = time.monotonic() + 15
+    while proc.poll() is None and time.monotonic() < attack_ends:
+        for port in ports:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(rng.randbytes(rng.choice([1, 8, 64, 1024, 65536])))
+                connections += 1
+            except OSError:  # a listener that has just closed, or refused this one
+                pass
+    _finish(proc)
+    print(f"{connections} connections with random bytes to ports {ports}")
+    hit = json.loads((attacked / "summary.json").read_text())
+    assert connections >= 200, f"only {connections} connections were made while the run trained"
+    assert hit["steps"] == clean_run["steps"] == 1500
+    assert hit["final_eval"]["accuracy"] >= clean_run["final_eval"]["accuracy"] - 0.02, (hit["final_eval"],
+                                                                                          clean_run["final_eval"])

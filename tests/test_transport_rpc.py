@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import socket
 import time
 import traceback
 from datetime import timedelta
@@ -171,3 +172,13 @@ def test_malformed_and_pickled_calls_are_refused(tmp_path: Path, caplog: pytest.
         child.join(10)
         if child.is_alive():
             child.kill()
+
+
+def test_tensorpipe_listener_follows_a_loopback_bind(caplog: pytest.LogCaptureFixture) -> None:
+    loopback = "lo" if "lo" in [n for _, n in socket.if_nameindex()] else "lo0"
+    assert rpc_transport.listener_env("127.0.0.1", {}) == {"TP_SOCKET_IFNAME": loopback}
+    assert rpc_transport.listener_env("::1", {}) == {"TP_SOCKET_IFNAME": loopback}
+    assert rpc_transport.listener_env("127.0.0.1", {"TP_SOCKET_IFNAME": "eth0"}) == {}  # the user's choice stays
+    caplog.set_level(logging.WARNING, logger="dni_async.transport")
+    assert rpc_transport.listener_env("0.0.0.0", {}) == {}
+    assert "use rpc only on a trusted network" in caplog.text

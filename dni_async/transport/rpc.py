@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import functools
+import ipaddress
 import logging
 import os
 import socket
@@ -35,7 +36,7 @@ from .base import (
     TransportOptions,
 )
 
-__all__ = ["RpcTransport", "format_endpoint", "parse_endpoint"]
+__all__ = ["RpcTransport", "format_endpoint", "listener_env", "parse_endpoint"]
 
 logger = logging.getLogger("dni_async.transport")
 
@@ -80,6 +81,31 @@ _CLOSE_LINGER_S, _REPLY_GRACE_S = 1.0, 0.1  # close(): longest wait for replies;
 
 
 _BOOT_ID = uuid.uuid4().hex[:12]
+
+
+def listener_env(bind_host: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment that keeps TensorPipe's listener where ``--bind`` says, as far as TensorPipe allows.
+
+    TensorPipe listens on the interface named by ``TP_SOCKET_IFNAME``, else on
+    the address this host's name resolves to, whatever ``--bind`` says; and
+    malformed bytes sent to that listener abort the process (``std::bad_alloc``
+    inside TensorPipe, seen here), so it must not be reachable by accident. A
+    loopback bind pins it to the loopback interface; a variable the user set is
+    left alone. Returns the variables to set (none, or ``TP_SOCKET_IFNAME``).
+    """
+    if "TP_SOCKET_IFNAME" in environ:
+        return {}
+    try:
+        loopback = bind_host == "localhost" or ipaddress.ip_address(bind_host.strip("[]")).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    names = [name for _, name in socket.if_nameindex()]
+    if loopback and (lo := next((n for n in ("lo", "lo0") if n in names), None)):
+        return {"TP_SOCKET_IFNAME": lo}
+    logger.warning("rpc transport: TensorPipe listens on the interface of this host's name, which --bind %s does "
+                   "not change (set TP_SOCKET_IFNAME to choose it); malformed bytes sent to it abort the process, so "
+                   "use rpc only on a trusted network (the zmq transport has no such failure)", bind_host)
+    return {}
 
 
 def _proc_id() -> str:
@@ -219,6 +245,7 @@ class _Hub:
         self.stages: dict[int, RpcTransport] = {}
         _script_functions()  # before the agent listens: peers may call at once
         timeout = timedelta(seconds=options.peer_timeout)
+        os.environ.update(listener_env(options.bind_host, os.environ))  # read by the agent's constructor below
         if init == _C10D_STORE:
             self.store: dist.Store = dist.PrefixStore("dni-rpc-c10d", dist.distributed_c10d._get_default_store())
         elif init in _MASTERS:  # this process hosts stage 0: its bind() opened the store
