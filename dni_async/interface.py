@@ -14,7 +14,7 @@ from torch import nn
 from torch.autograd import Variable
 
 from .optim import OptimSpec, make_optimizer
-from .synthetic import DNINetwork
+from .synthetic import DNINetwork, synthetic_gradient
 from .units import default_kind, detach_all, output_features, split_output
 
 __all__ = ["DNI"]
@@ -311,7 +311,7 @@ class DNI(nn.Module):
         """SG_k's synthetic gradient for the (detached) activation h."""
         sg = self.synthetic[unit.key]
         with torch.no_grad():
-            pred, _ = sg(h, None) if ctx is None else sg(h, None, context=ctx)
+            pred = synthetic_gradient(sg, h, ctx)
         if pred.shape != h.shape:
             raise RuntimeError(f"SG of unit {unit.name!r} returned shape {tuple(pred.shape)} "
                                f"for an activation of shape {tuple(h.shape)}")
@@ -401,8 +401,7 @@ class DNI(nn.Module):
             unit.clear_grads()
 
     def _train_sg(self, unit: _Unit, h: torch.Tensor, ctx: torch.Tensor | None, target: torch.Tensor) -> None:
-        sg = self.synthetic[unit.key]
-        pred, _ = sg(h, None) if ctx is None else sg(h, None, context=ctx)
+        pred = synthetic_gradient(self.synthetic[unit.key], h, ctx)
         if self.batch_scaled:
             target = target * h.shape[0]
         loss = F.mse_loss(pred, target)

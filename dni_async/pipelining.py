@@ -69,8 +69,7 @@ def _evaluate(block: nn.Module, env: StageEnv, shapes: list[torch.Size], task: P
         h = block(x)
         if last:
             assert items is not None
-            for key, value in task.metric_fn(h, unpack(items[k])[1].to(env.device)).items():
-                sums[key] = sums.get(key, 0.0) + value
+            task.add_metrics(sums, h, unpack(items[k])[1].to(env.device))
         else:
             dist.send(torch.tensor([h.shape[0]], dtype=torch.int64), dst=env.rank + 1)
             dist.send(h.detach().cpu().contiguous(), dst=env.rank + 1)

@@ -19,7 +19,7 @@ from .metrics import JsonLines, StageStats, rss_mb
 from .optim import fast_adam
 from .recurrent import reset_states
 from .snapshots import Snapshots
-from .synthetic import DNINetwork
+from .synthetic import DNINetwork, synthetic_gradient
 from .task import EvalData, Item, PipelineTask, unpack
 from .transport import Message, Transport
 
@@ -212,8 +212,7 @@ class StageWorker:
 
     def _sg_forward(self, h: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
         assert self.sg is not None
-        out, _ = self.sg(h, None) if ctx is None else self.sg(h, None, context=ctx)
-        return out
+        return synthetic_gradient(self.sg, h, ctx)
 
     def _stash(self, t: int, h: torch.Tensor, ctx: torch.Tensor | None) -> None:
         self.stash[t] = (h, ctx)
@@ -357,8 +356,7 @@ class StageWorker:
                meta: dict[str, Any]) -> dict[str, Any] | None:
         """Add a batch's metric sums to ``group``; at a ``last`` item, return the group's summary (and relay it)."""
         sums = self._sums[group]
-        for key, value in self.task.metric_fn(output, labels).items():
-            sums[key] = sums.get(key, 0.0) + value
+        self.task.add_metrics(sums, output, labels)
         if not meta.get("last"):
             return None
         summary: dict[str, Any] = {**self.task.summarize(sums),

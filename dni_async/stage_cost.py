@@ -14,7 +14,7 @@ from torch import nn
 from .config import PipelineConfig
 from .optim import fast_adam
 from .pipeline import build_sg, validate
-from .synthetic import DNINetwork
+from .synthetic import DNINetwork, synthetic_gradient
 from .task import PipelineTask, unpack
 
 __all__ = ["stage_step_times"]
@@ -45,7 +45,7 @@ def _one_stage(block: nn.Module, inp: torch.Tensor, y: torch.Tensor, last: bool,
 
     def sg_forward(h: torch.Tensor) -> torch.Tensor:
         assert sg is not None
-        return (sg(h, None) if ctx is None else sg(h, None, context=ctx))[0]
+        return synthetic_gradient(sg, h, ctx)
 
     def sg_update(h: torch.Tensor) -> None:
         assert sg_opt is not None

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "synthetic_gradient",
     "DNINetwork",
     "LinearDNI",
     "LowRankDNI",
@@ -93,6 +94,16 @@ class DNINetwork(nn.Module):
         expand[dim] = self.context_size
         ctx = context.to(input.dtype).view(view).expand(expand)
         return torch.cat([input, ctx], dim=dim)
+
+
+def synthetic_gradient(sg: nn.Module, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """``sg``'s prediction for activation ``h`` (conditioned on ``context`` when given).
+
+    The context is passed only when there is one, so SG modules written for the
+    seed project, whose ``forward(input, hidden)`` takes no context, still work.
+    """
+    out, _ = sg(h, None) if context is None else sg(h, None, context=context)
+    return out  # type: ignore[no-any-return]
 
 
 class LinearDNI(DNINetwork):

@@ -75,6 +75,11 @@ class PipelineTask:
     result: Callable[[], dict[str, Any]] | None = None
     """Called on stage 0 after training: task figures for summary.json (``task_result``)."""
 
+    def add_metrics(self, sums: dict[str, float], output: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one batch's :attr:`metric_fn` sums to ``sums`` (a group's running totals)."""
+        for key, value in self.metric_fn(output, labels).items():
+            sums[key] = sums.get(key, 0.0) + value
+
     def context(self, labels: torch.Tensor) -> torch.Tensor:
         """The cDNI context of ``labels``."""
         if self.context_fn is not None:
