@@ -10,7 +10,7 @@ from torch import nn
 
 from .synthetic import LinearDNI
 
-__all__ = ["TruncatedLSTM", "reset_states", "sg_fit"]
+__all__ = ["TruncatedLSTM", "carried_states", "load_carried_states", "reset_states", "sg_fit"]
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -96,6 +96,36 @@ class TruncatedLSTM(nn.Module):
                 self._sg_step(torch.cat(final, dim=-1), torch.zeros_like(torch.cat(final, dim=-1)))
         self._states.pop(training, None)
 
+    def carried_state(self) -> dict[str, Any]:
+        """What training carries from one chunk to the next (for checkpoints): the training state, the temporal
+        SG's pending update (the last chunk's first state and the gradient that reached it) and its optimizer."""
+        state, pending = self._states.get(True), self._pending
+        ready = pending is not None and pending[0].grad is not None and pending[1].grad is not None
+        return {
+            "state": [t.clone() for t in state] if state is not None else None,
+            "pending": [pending[0].detach(), pending[1].detach(), pending[0].grad, pending[1].grad]
+            if ready and pending is not None else None,
+            "sg_opt": self._sg_opt.state_dict() if self._sg_opt is not None else None,
+        }
+
+    def load_carried_state(self, carried: dict[str, Any]) -> None:
+        """Continue from a :meth:`carried_state` (the eval state starts afresh)."""
+        device = next(self.lstm.parameters()).device
+        self._states.pop(True, None)
+        if carried["state"] is not None:
+            h, c = (t.to(device) for t in carried["state"])
+            self._states[True] = (h, c)
+        self._pending = None
+        if carried["pending"] is not None:
+            h, c, grad_h, grad_c = (t.to(device) for t in carried["pending"])
+            h.requires_grad_(True)
+            c.requires_grad_(True)
+            h.grad, c.grad = grad_h, grad_c
+            self._pending = (h, c)
+        if carried["sg_opt"] is not None and self.sg is not None:
+            self._sg_opt = torch.optim.Adam(self.sg.parameters(), lr=self.sg_lr)
+            self._sg_opt.load_state_dict(carried["sg_opt"])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (batch, time, input_size) -> outputs (batch, time, hidden_size)."""
         batch = x.shape[0]
@@ -172,3 +202,21 @@ def reset_states(module: nn.Module, training: bool = True) -> None:
     for sub in module.modules():
         if isinstance(sub, TruncatedLSTM):
             sub.reset_state(training)
+
+
+def carried_states(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """:meth:`TruncatedLSTM.carried_state` of every truncated LSTM inside ``module``, by module name."""
+    return {name: sub.carried_state() for name, sub in module.named_modules() if isinstance(sub, TruncatedLSTM)}
+
+
+def load_carried_states(module: nn.Module, states: dict[str, dict[str, Any]]) -> None:
+    """Restore :func:`carried_states` into the same model.
+
+    Raises:
+        ValueError: if the truncated LSTMs of ``module`` are not the ones saved.
+    """
+    lstms = {name: sub for name, sub in module.named_modules() if isinstance(sub, TruncatedLSTM)}
+    if set(lstms) != set(states):
+        raise ValueError(f"saved recurrent state for {sorted(states)}, the model has {sorted(lstms)}")
+    for name, sub in lstms.items():
+        sub.load_carried_state(states[name])

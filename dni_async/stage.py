@@ -17,7 +17,7 @@ from .checkpoint import Checkpointer
 from .config import PipelineConfig
 from .metrics import JsonLines, StageStats, rss_mb
 from .optim import fast_adam
-from .recurrent import reset_states
+from .recurrent import carried_states, load_carried_states, reset_states
 from .snapshots import Snapshots
 from .synthetic import DNINetwork, synthetic_gradient
 from .task import EvalData, Item, PipelineTask, unpack
@@ -95,6 +95,7 @@ class StageWorker:
         self._last_act = -1                           # step of the last activation received
         self.checkpoints = checkpoints
         self.start_step = 0                           # > 0 when resumed from a checkpoint
+        self._skip_items = 0                          # training items stage 0 skips when resumed
 
     # ------------------------------------------------------------ entry points
 
@@ -104,7 +105,7 @@ class StageWorker:
         deadline = time.perf_counter() + self.config.time_budget if self.config.time_budget else None
         if self.start_step >= steps:
             raise ValueError(f"the checkpoint is at step {self.start_step}: --steps must be above it, got {steps}")
-        for _ in range(self.start_step):  # the data position: the same items the uninterrupted run would read
+        for _ in range(self._skip_items):  # the data position: the same items the uninterrupted run would read
             next(batches)
         for t in range(self.start_step, steps):
             if deadline is not None and time.perf_counter() >= deadline:
@@ -280,13 +281,17 @@ class StageWorker:
     # ----------------------------------------------------------- checkpoints
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """What resuming this stage needs: block, SG, both optimizers, RNG states, data position (between steps)."""
+        """What resuming this stage needs (between steps): block, SG, both optimizers, RNG states, the data
+        position, what recurrent layers carry, the metric sums of the open groups."""
         return {
             "block": self.block.state_dict(), "sg": self.sg.state_dict() if self.sg is not None else None,
             "opt": self.opt.state_dict(), "sg_opt": self.sg_opt.state_dict() if self.sg_opt is not None else None,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
             "data_position": self.stats.steps,
+            "data": self.task.data_state() if self.first and self.task.data_state is not None else None,
+            "recurrent": carried_states(self.block),
+            "sums": {group: dict(sums) for group, sums in self._sums.items()},
             "latest": {k: v for k, v in self.latest.items() if isinstance(v, (bool, int, float, str))},
         }
 
@@ -309,6 +314,12 @@ class StageWorker:
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.latest.update(state["latest"])
+        load_carried_states(self.block, state["recurrent"])
+        self._sums = {group: dict(sums) for group, sums in state["sums"].items()}
+        self._skip_items = int(state["data_position"])
+        if state["data"] is not None and self.task.resume_data is not None:
+            self.task.resume_data(state["data"])
+            self._skip_items = 0
         self.start_step = self.stats.steps = int(state["step"])
         self._last_act = self.start_step - 1
 

@@ -74,6 +74,11 @@ class PipelineTask:
     read them (the copy task's curriculum does)."""
     result: Callable[[], dict[str, Any]] | None = None
     """Called on stage 0 after training: task figures for summary.json (``task_result``)."""
+    data_state: Callable[[], dict[str, Any]] | None = None
+    """Stage 0, for checkpoints: where the training items stand (what the next one will be). None: the items
+    are a fixed sequence, and a resumed run skips as many as were read."""
+    resume_data: Callable[[dict[str, Any]], None] | None = None
+    """Stage 0: make the items of the ``data()`` already called (not yet read) continue from a ``data_state``."""
 
     def add_metrics(self, sums: dict[str, float], output: torch.Tensor, labels: torch.Tensor) -> None:
         """Add one batch's :attr:`metric_fn` sums to ``sums`` (a group's running totals)."""

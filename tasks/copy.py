@@ -137,17 +137,33 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
                                config.sg_scale)
     curriculum = Curriculum()
     latest: dict[str, Any] = {}  # PipelineTask.latest: what the last stage relays back
+    # Where the next training item comes from (checkpoints): chunk `chunk` of sequence `sequence`, drawn from
+    # the generator state `generator` with the curriculum as it was then and `seen` the last recorded sequence.
+    position: dict[str, Any] = {}
 
     def train_items(steps: int) -> Iterator[Item]:
         gen = torch.Generator().manual_seed(config.seed)
-        seen = None
-        for sequence in range(steps):  # more than enough: each batch has >= 1 chunk
-            if latest.get("train_sequence") != seen and "train_length" in latest:
+        seen, first, skip = None, 0, 0
+        resumed = bool(position)  # PipelineTask.resume_data was called: continue where `position` says
+        if resumed:
+            gen.set_state(position["generator"])
+            seen, first, skip = position["seen"], position["sequence"], position["chunk"]
+            vars(curriculum).update(position["curriculum"])
+        for sequence in range(first, steps):  # more than enough: each batch has >= 1 chunk
+            # (a resumed first sequence was drawn after its curriculum step, which is in the saved curriculum)
+            if not (resumed and sequence == first) and latest.get("train_sequence") != seen \
+                    and "train_length" in latest:
                 seen = latest["train_sequence"]
                 curriculum.record(int(latest["train_length"]), float(latest["train_bits_error"]))
+            drawn_from = gen.get_state()
+            state = {"curriculum": dict(vars(curriculum)), "seen": seen}
             repeats = _draw_repeats(config.task, config.max_repeats, gen)
-            yield from sequence_items(config.batch_size, curriculum.length, repeats, config.max_repeats, bptt,
-                                      gen, {"sequence": sequence})
+            items = sequence_items(config.batch_size, curriculum.length, repeats, config.max_repeats, bptt, gen,
+                                   {"sequence": sequence})
+            for k in range(skip, len(items)):
+                position.update(state, generator=drawn_from, sequence=sequence, chunk=k + 1)
+                yield items[k]
+            skip = 0
 
     def eval_items(final: bool) -> list[Item]:
         gen = torch.Generator().manual_seed(config.seed + 1)
@@ -165,6 +181,8 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
     return PipelineTask(name=config.task, blocks=blocks, loss_fn=copy_loss, input_shape=(bptt, BITS + 2),
                         num_classes=BITS + 2, context_fn=lambda labels: labels, metric_fn=bit_errors,
                         summarize=bits_summary, train_metrics=True, latest=latest, data=data,
+                        data_state=lambda: {**position, "curriculum": dict(position["curriculum"])},
+                        resume_data=lambda state: position.update(state),
                         result=lambda: {"longest_solved": curriculum.longest_solved, "bptt": bptt,
                                         "threshold": THRESHOLD, "curriculum_length": curriculum.length,
                                         "error_at_length": curriculum.error})

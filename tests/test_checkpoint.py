@@ -109,8 +109,8 @@ def test_validate_guards_checkpoint_folders(tmp_path: Path) -> None:
     config = PipelineConfig(stages=2, checkpoint_every=5, run_dir=str(run))
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
         validate(get_pipeline_task(config), config)
-    with pytest.raises(ValueError, match="recurrent tasks carry state"):
-        PipelineConfig(stages=2, task="copy", checkpoint_every=5)
+    with pytest.raises(ValueError, match="not the --mode gpipe baseline"):
+        PipelineConfig(stages=2, mode="gpipe", checkpoint_every=5)
 
 
 def test_worker_state_round_trip_continues_identically(tmp_path: Path) -> None:
@@ -196,6 +196,29 @@ def test_backprop_resume_is_bitwise_the_uninterrupted_run(tmp_path: Path, mnist_
         "model.load_state_dict(state)\nprint(len(state))\n")
     loaded = subprocess.run([sys.executable, "-c", plain, str(out)], capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 0 and loaded.stdout.strip() == str(len(model.state_dict())), loaded.stderr
+
+
+@pytest.mark.parametrize("task,steps", [("copy", 60), ("lm", 20)])
+def test_recurrent_backprop_resume_is_bitwise(tmp_path: Path, task: str, steps: int) -> None:
+    """The LSTM state carried across the crash (and copy's data position and curriculum) is restored exactly."""
+    half = steps // 2
+    args = ["--stages", "2", "--task", task, "--mode", "backprop", "--steps", str(steps), "--checkpoint-every",
+            str(half), "--hidden-size", "32", "--bptt", "10", "--no-progress", "--log-every", "5"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    ok(torchrun(2, [*args, "--run-dir", str(straight)], 180))
+    crashed = torchrun(2, [*args, "--run-dir", str(broken), "--fail-stage", f"1:{half + 3}"], 180)
+    assert crashed.returncode != 0
+    ok(torchrun(2, [*args, "--run-dir", str(broken), "--resume", str(broken)], 180))
+    for stage in (0, 1):
+        a = load_stage(newest_complete(straight)[0], stage)
+        b = load_stage(newest_complete(broken)[0], stage)
+        assert a["step"] == b["step"] == steps
+        torch.testing.assert_close(a["block"], b["block"], rtol=0, atol=0)
+        torch.testing.assert_close(a["recurrent"], b["recurrent"], rtol=0, atol=0)
+        assert a["recurrent"] and all(v["state"] is not None for v in a["recurrent"].values())
+        torch.testing.assert_close(a["data"], b["data"], rtol=0, atol=0)
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (straight, broken)]
+    assert summaries[0]["final_eval"] == summaries[1]["final_eval"]
 
 
 def test_dni_resume_continues_steps_and_metrics(tmp_path: Path, mnist_dir: Path) -> None:

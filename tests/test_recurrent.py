@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dni_async import LinearDNI, TruncatedLSTM
-from dni_async.recurrent import reset_states, sg_fit
+from dni_async.recurrent import carried_states, load_carried_states, reset_states, sg_fit
 
 
 def randomise(module: torch.nn.Module, std: float = 0.1) -> None:
@@ -119,3 +120,30 @@ def test_sg_fit_reports_how_well_the_sg_predicted_its_targets() -> None:
     assert sg_fit(model) == {"cosine": 0.0, "relative_mse": 1.0, "updates": 1}
     assert sg_fit(model) is None, "the counts restart after each read"
     assert sg_fit(torch.nn.Sequential(TruncatedLSTM(3, 4))) is None
+
+
+def test_carried_state_round_trip_continues_training_identically(tmp_path: Path) -> None:
+    """State, the SG's pending update and its Adam, saved (weights_only) and loaded into a fresh layer: the
+    next chunk's output, gradients and SG update are the same."""
+    model = torch.nn.Sequential(TruncatedLSTM(3, 4, temporal_sg=True, sg_lr=0.01))
+    randomise(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):  # three chunks of one sequence: the SG has an optimizer and a pending target
+        model(torch.randn(2, 5, 3)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save({"weights": model.state_dict(), "carried": carried_states(model)}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    other = torch.nn.Sequential(TruncatedLSTM(3, 4, temporal_sg=True, sg_lr=0.01))
+    other.load_state_dict(saved["weights"])
+    load_carried_states(other, saved["carried"])
+    x = torch.randn(2, 5, 3)
+    outs = [m(x) for m in (model, other)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # the carried state
+    for out in outs:
+        out.pow(2).sum().backward()
+    for a, b in zip(model.parameters(), other.parameters()):  # the pending update trained both SGs alike
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="saved recurrent state for"):
+        load_carried_states(torch.nn.Sequential(torch.nn.Linear(2, 2)), saved["carried"])

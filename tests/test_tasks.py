@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -156,3 +157,37 @@ def test_pipeline_curriculum_moves_on_from_the_relayed_error(tmp_path: Path) -> 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task_result"]["longest_solved"] >= 1, summary["task_result"]
     assert summary["final_eval"]["length"] == summary["task_result"]["curriculum_length"]
+
+
+def test_copy_data_resumes_mid_sequence_with_its_curriculum() -> None:
+    """data_state after some items, then resume_data on a fresh task: the same next items, curriculum included."""
+    config = PipelineConfig(task="copy", mode="dni", hidden_size=8, batch_size=4, steps=200)
+
+    def read(task: Any, count: int, start: int) -> list[Any]:
+        items = []
+        batches = task.data()[0]
+        for k in range(count):
+            # the last stage relays a tiny error for every finished sequence: the curriculum moves on every 10
+            task.latest.update(train_sequence=start + k, train_length=task.result()["curriculum_length"],
+                               train_bits_error=0.0)
+            items.append(next(batches))
+        return items
+
+    first = copy_pipeline_task(config)
+    batches = first.data()[0]
+    for k in range(37):
+        first.latest.update(train_sequence=k, train_length=first.result()["curriculum_length"], train_bits_error=0.0)
+        next(batches)
+    state = first.data_state()
+    reference = []
+    for k in range(37, 67):
+        first.latest.update(train_sequence=k, train_length=first.result()["curriculum_length"], train_bits_error=0.0)
+        reference.append(next(batches))
+    assert first.result()["curriculum_length"] > 2, "the curriculum must move while the items are read"
+    second = copy_pipeline_task(config)
+    second.latest.update(train_sequence=36, train_length=state["curriculum"]["length"], train_bits_error=0.0)
+    second.resume_data(state)
+    resumed = read(second, 30, 37)
+    for (x, y, meta), (x2, y2, meta2) in zip(reference, resumed):
+        assert meta == meta2
+        torch.testing.assert_close((x, y), (x2, y2), rtol=0, atol=0)
