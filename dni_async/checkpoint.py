@@ -16,6 +16,7 @@ before writing never counted. Files are loaded with ``weights_only=True``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -61,16 +62,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, flush, fsync, rename over ``path``."""
+def save_atomic(obj: Any, path: Path) -> tuple[int, str]:
+    """``torch.save`` to a temporary file in the same folder, flush, fsync, rename over ``path``.
+
+    Returns:
+        The file's size and SHA-256 (hashed from the bytes written, not read back).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getbuffer()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+    return len(data), hashlib.sha256(data).hexdigest()
 
 
 def _verify(set_dir: Path) -> dict[str, Any] | None:
@@ -152,9 +161,9 @@ class Checkpointer:
         start = time.perf_counter()
         set_dir = _set_dir(self.root, steps_done)
         name = f"stage-{self.stage}.pt"
-        save_atomic({"format": FORMAT, "stage": self.stage, "step": steps_done, **state}, set_dir / name)
-        path = set_dir / name
-        entry = {"stage": self.stage, "file": name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        size, digest = save_atomic({"format": FORMAT, "stage": self.stage, "step": steps_done, **state},
+                                   set_dir / name)
+        entry = {"stage": self.stage, "file": name, "bytes": size, "sha256": digest}
         key = f"{_STORE_KEY}/{steps_done}"
         self.store.set(f"{key}/{self.stage}", json.dumps(entry))
         if self.store.add(f"{key}/count", 1) == self.num_stages:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +15,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
+
+from .transport.base import RejectLog
 
 __all__ = ["CurveKeys", "Gate", "HandshakeWatch", "generate_keys", "key_paths", "load_keys", "start_gate"]
 
@@ -52,7 +53,6 @@ _PUBLIC_BANNER = """#   ****  Generated on {0} by dni_async  ****
 #   directory, in the .curve subdirectory.
 
 """
-_LOG_FIRST, _LOG_EVERY_S = 5, 10.0  # refused handshakes: log the first few, then one line per ten seconds
 
 
 def key_paths(directory: str | Path, stage: int) -> tuple[Path, Path]:
@@ -198,29 +198,23 @@ class Gate:
     """
 
     def __init__(self, keys: CurveKeys, senders: Mapping[str, int]) -> None:
-        self.stage = keys.stage
         self.allowed = {domain: keys.publics[peer] if 0 <= peer < len(keys.publics) else None
                         for domain, peer in senders.items()}
         self.senders = dict(senders)
-        self.refused = 0
-        self._suppressed = 0
-        self._last = 0.0
+        self._log = RejectLog(keys.stage, "refused a CURVE handshake on the %s socket: %s", first=5)
+
+    @property
+    def refused(self) -> int:
+        """Handshakes refused so far."""
+        return self._log.count
 
     def callback(self, domain: str, key: bytes) -> bool:
         """True if ``key`` (z85) is the key of the stage that may send on the socket of ``domain``."""
         allowed = self.allowed.get(domain)
         if allowed is not None and key == allowed:
             return True
-        self.refused += 1
-        now = time.monotonic()
-        if self.refused <= _LOG_FIRST or now - self._last >= _LOG_EVERY_S:
-            more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
-            expected = f"only stage {self.senders[domain]}'s key" if allowed is not None else "no client"
-            logger.warning("[Stage %d] refused a CURVE handshake on the %s socket: key %s is not allowed there "
-                           "(expected %s)%s", self.stage, domain, key.decode("ascii", "replace"), expected, more)
-            self._last, self._suppressed = now, 0
-        else:
-            self._suppressed += 1
+        expected = f"only stage {self.senders[domain]}'s key" if allowed is not None else "no client"
+        self._log(domain, f"key {key.decode('ascii', 'replace')} is not allowed there (expected {expected})")
         return False
 
 
@@ -237,7 +231,6 @@ def start_gate(ctx: zmq.Context[Any], keys: CurveKeys, senders: Mapping[str, int
     auth.start()
     auth.thread.name = f"dni-zmq-auth-{keys.stage}"
     return auth, gate
-
 
 
 class HandshakeWatch:

@@ -88,8 +88,12 @@ def clear_outputs(run_dir: Path, resumed: bool) -> None:
             shutil.rmtree(run_dir / folder)
 
 
-def validate(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequential], list[torch.Size]]:
+def validate(task: PipelineTask, config: PipelineConfig,
+             check_resume: bool = True) -> tuple[list[nn.Sequential], list[torch.Size]]:
     """Check what can be checked before any process starts; return the stages and their output shapes.
+
+    ``check_resume=False`` leaves out verifying the ``--resume`` set (reading and hashing every file of it):
+    the stage processes do not repeat it, rank 0 verifies the set it picks.
 
     Raises:
         ValueError: more stages than blocks, a device that is not there, stage
@@ -100,7 +104,7 @@ def validate(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequen
     for i, device in enumerate(config.devices or []):
         resolve_device(device, i)
     stages = partition(task.blocks, config.stages)
-    if config.resume:
+    if config.resume and check_resume:
         _, manifest = newest_complete(config.resume)
         check_compatible(manifest, config.to_dict())
     own = Path(config.run_dir) / "checkpoints"
@@ -127,7 +131,7 @@ def start_stage(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Seq
                                                                     StageEnv, AbortWatchdog]:
     """What every stage process does first: check the input, join the torchrun world (gloo control plane),
     log with its stage in every line, set its threads, start the abort watchdog."""
-    stages, shapes = validate(task, config)
+    stages, shapes = validate(task, config, check_resume=False)
     env = init_stage(config.stages, config.devices)
     setup_logging(env.rank)
     torch.set_num_threads(config.threads_per_stage)

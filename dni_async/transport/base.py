@@ -106,10 +106,16 @@ class Aborted(RuntimeError):
 
 
 class RejectLog:
-    """Logs rejected messages of a transport: the first few in full, then one line per interval with a count."""
+    """Logs what a stage rejects: the first few in full, then one line per interval with a count.
 
-    def __init__(self, stage: int) -> None:
-        self.stage = stage
+    Args:
+        stage: the stage, named in every line.
+        what: ``%``-format of one rejection, given ``(direction, reason)``.
+        first: how many are logged in full.
+    """
+
+    def __init__(self, stage: int, what: str = "dropped a malformed %s message: %s", first: int = _LOG_FIRST) -> None:
+        self.stage, self.what, self.first = stage, what, first
         self.count = 0
         self.suppressed = 0
         self.last = 0.0
@@ -117,9 +123,9 @@ class RejectLog:
     def __call__(self, direction: str, reason: str) -> None:
         self.count += 1
         now = time.monotonic()
-        if self.count <= _LOG_FIRST or now - self.last >= _LOG_EVERY_S:
+        if self.count <= self.first or now - self.last >= _LOG_EVERY_S:
             more = f" ({self.suppressed} more rejected since the last report)" if self.suppressed else ""
-            logger.warning("[Stage %d] dropped a malformed %s message: %s%s", self.stage, direction, reason, more)
+            logger.warning(f"[Stage %d] {self.what}%s", self.stage, direction, reason, more)
             self.last, self.suppressed = now, 0
         else:
             self.suppressed += 1
