@@ -23,16 +23,32 @@ from typing import Any, Callable
 
 import torch
 
-from .config import MODES, PipelineConfig, config_from_args
+from .config import MODES, SG_KINDS, PipelineConfig, config_from_args
 from .metrics import write_json_atomic
 from .stage_cost import stage_step_times
 from .task import PipelineTask
 
-__all__ = ["BENCH_MODES", "BenchmarkSpec", "environment", "time_to_target", "run_benchmark"]
+__all__ = ["BENCH_MODES", "BenchmarkSpec", "environment", "parse_label", "time_to_target", "run_benchmark"]
 
 log = logging.getLogger("dni_async.benchmark")
 BENCH_MODES = (*MODES, "single")
 """Pipeline modes, plus ``single``: the whole model in one process with every core (stages x threads)."""
+
+
+def parse_label(label: str) -> tuple[str, list[str]]:
+    """A benchmark entry ``MODE`` or ``MODE:SG`` (``cdni:softmax``): the mode and the flags it adds to every job's.
+
+    Raises:
+        ValueError: for an unknown mode or SG kind.
+    """
+    mode, _, sg = label.partition(":")
+    if mode not in BENCH_MODES:
+        raise ValueError(f"unknown mode {mode!r} in {label!r}; choose from {BENCH_MODES}")
+    if sg and mode == "single":
+        raise ValueError(f"{label!r}: the single process has no SG")
+    if sg and sg not in SG_KINDS:
+        raise ValueError(f"unknown SG kind {sg!r} in {label!r}; choose from {SG_KINDS}")
+    return mode, ["--sg", sg] if sg else []
 
 
 @dataclass
@@ -40,6 +56,7 @@ class BenchmarkSpec:
     """What to run: the modes, how often, and the flags every job shares."""
 
     modes: list[str]
+    """Entries ``MODE`` or ``MODE:SG`` (:func:`parse_label`)."""
     stages: int
     out: Path
     entry: Path
@@ -87,12 +104,21 @@ def _median_or_none(values: list[float | None]) -> float | None:
     return float(statistics.mean(numbers)) if len(numbers) == len(middle) else None
 
 
-def _job_args(spec: BenchmarkSpec, mode: str) -> list[str]:
+def _job_args(spec: BenchmarkSpec, label: str) -> list[str]:
+    mode, extra = parse_label(label)
     if mode == "single":
         config = config_from_args(["--stages", "1", *spec.flags])
         return ["--stages", "1", "--mode", "backprop", *spec.flags,
                 "--threads-per-stage", str(spec.stages * config.threads_per_stage)]
-    return ["--stages", str(spec.stages), "--mode", mode, *spec.flags]
+    return ["--stages", str(spec.stages), "--mode", mode, *spec.flags, *extra]
+
+
+def _cost_args(spec: BenchmarkSpec, label: str) -> list[str]:
+    """The flags whose stage work an entry does: its own, or locked backprop's for the pipelining schedules (the
+    same block work, split into microbatches)."""
+    if parse_label(label)[0] == "single" or config_from_args(_job_args(spec, label)).method.pipelining:
+        return _job_args(spec, "backprop")
+    return _job_args(spec, label)
 
 
 def _run_job(spec: BenchmarkSpec, mode: str, run_dir: Path) -> dict[str, Any]:
@@ -117,23 +143,23 @@ def _run_job(spec: BenchmarkSpec, mode: str, run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def _stage_costs(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], PipelineTask]) -> dict[str, list[dict]]:
-    """Each stage's isolated step time for every kind of stage work the modes need (backprop, dni, cdni)."""
-    costs: dict[str, list[dict[str, Any]]] = {}
-    for kind in sorted({m if m in ("dni", "cdni") else "backprop" for m in spec.modes if m != "single"}):
-        config = config_from_args(["--stages", str(spec.stages), "--mode", kind, *spec.flags])
-        costs[kind] = stage_step_times(get_task(config), config, repeats=spec.isolation_repeats)
-        log.info("isolated step times, %s: %s", kind,
-                 ", ".join(f"stage {c['stage']} {c['step_s'] * 1e3:.1f} ms" for c in costs[kind]))
+def _stage_costs(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], PipelineTask]) -> dict[tuple, list[dict]]:
+    """Each stage's isolated step time for every kind of stage work the entries need, keyed by their flags."""
+    costs: dict[tuple, list[dict[str, Any]]] = {}
+    for args in sorted({tuple(_cost_args(spec, m)) for m in spec.modes if m != "single"}):
+        config = config_from_args(list(args))
+        costs[args] = stage_step_times(get_task(config), config, repeats=spec.isolation_repeats)
+        log.info("isolated step times, %s %s: %s", config.mode, config.sg if config.method.has_sg else "",
+                 ", ".join(f"stage {c['stage']} {c['step_s'] * 1e3:.1f} ms" for c in costs[args]))
     return costs
 
 
-def _ideal(spec: BenchmarkSpec, rounds: list[dict[str, list[dict]]]) -> dict[str, Any]:
+def _ideal(spec: BenchmarkSpec, rounds: list[dict[tuple, list[dict]]]) -> dict[str, Any]:
     """Per mode: each stage's isolated step time (median over the rounds) and ``batch / max`` of them."""
     batch = config_from_args(["--stages", str(spec.stages), *spec.flags]).batch_size
     out: dict[str, Any] = {}
     for mode in spec.modes:
-        kind = mode if mode in ("dni", "cdni") else "backprop"
+        kind = tuple(_cost_args(spec, mode))
         if mode == "single" or not rounds:
             out[mode] = {"stage_step_s": None, "ideal": None}
             continue
@@ -150,9 +176,10 @@ def _say(line: str) -> None:
 def run_benchmark(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], PipelineTask],
                   on_job: Callable[[str], None] = _say) -> dict[str, Any]:
     """Run every mode ``spec.repeats`` times, interleaved; write and return ``results.json``'s content."""
-    unknown = [m for m in spec.modes if m not in BENCH_MODES]
-    if unknown or not spec.modes:
-        raise ValueError(f"unknown mode(s) {unknown}; choose from {BENCH_MODES}")
+    if not spec.modes:
+        raise ValueError(f"no modes given; choose from {BENCH_MODES}")
+    for label in spec.modes:
+        parse_label(label)
     base = config_from_args(["--stages", str(spec.stages), *spec.flags])
     spec.out.mkdir(parents=True, exist_ok=True)
     env = environment(base.threads_per_stage, spec.stages)
@@ -184,7 +211,7 @@ def run_benchmark(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], Pipe
         busy = [statistics.median(s["per_stage"][i]["cpu_fraction"] for s in summaries[mode])
                 for i in range(len(summaries[mode][0]["per_stage"]))]
         runs.append({
-            "mode": mode, "stages": 1 if mode == "single" else spec.stages,
+            "mode": mode, "stages": 1 if parse_label(mode)[0] == "single" else spec.stages,
             "samples_per_s": round(rate, 1), "samples_per_s_all": [round(r, 1) for r in rates],
             "ideal_samples_per_s": round(ideal[mode]["ideal"], 1) if ideal[mode]["ideal"] else None,
             "efficiency": round(rate / ideal[mode]["ideal"], 3) if ideal[mode]["ideal"] else None,

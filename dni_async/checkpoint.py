@@ -34,7 +34,8 @@ __all__ = ["FORMAT", "MODEL_FIELDS", "Checkpointer", "check_compatible", "export
 
 log = logging.getLogger("dni_async")
 
-FORMAT = 1
+FORMAT = 2
+"""2: the gradient source's state under ``source`` (1 had the SG's at the top level)."""
 KEEP = 3
 """Complete sets kept; older sets are removed when a new one completes."""
 MODEL_FIELDS = ("task", "mode", "stages", "hidden_size", "num_layers", "sg", "sg_hidden")

@@ -6,24 +6,24 @@ import argparse
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
+from .methods import METHODS, MODES, PIPELINING_MODES, Method
 from .transport import TRANSPORTS
 
 __all__ = ["MODES", "PIPELINING_MODES", "PIPELINING_TASKS", "SG_KINDS", "TASK_DEFAULTS", "PipelineConfig",
            "add_arguments", "config_from_args"]
 
-PIPELINING_MODES = ("gpipe", "1f1b")
-"""Baselines run by ``torch.distributed.pipelining`` itself (ScheduleGPipe, Schedule1F1B)."""
-MODES = ("dni", "cdni", "backprop", *PIPELINING_MODES)
 PIPELINING_TASKS = ("mnist-fcn", "mnist-cnn")
 """Tasks whose batches are plain (inputs, labels), which is what the pipelining schedules take."""
-SG_KINDS = ("linear", "low-rank", "mlp", "linear-bn", "linear-sigmoid")
+SG_KINDS = ("linear", "low-rank", "mlp", "linear-bn", "linear-sigmoid", "softmax")
 _MNIST = {"batch_size": 128, "lr": 3e-4, "sg_lr": 3e-3, "hidden_size": 256, "bptt": None, "sg_scale": 1.0}
-_COPY = {"batch_size": 32, "lr": 1e-3, "sg_lr": 1e-3, "hidden_size": 128, "bptt": 3, "sg_scale": 0.1}
+_COPY = {"batch_size": 32, "lr": 1e-3, "sg_lr": 1e-3, "hidden_size": 128, "bptt": 3, "sg_scale": 0.1, "sg": "linear"}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist-fcn": _MNIST, "mnist-cnn": {**_MNIST, "hidden_size": 32}, "copy": _COPY, "repeat-copy": _COPY,
-    "lm": {"batch_size": 32, "lr": 3e-3, "sg_lr": 1e-3, "hidden_size": 256, "bptt": 35, "sg_scale": 1.0},
+    "lm": {"batch_size": 32, "lr": 3e-3, "sg_lr": 1e-3, "hidden_size": 256, "bptt": 35, "sg_scale": 1.0,
+           "sg": "linear"},
 }
-"""Per-task values of the fields left None (the values the README's results use)."""
+"""Per-task values of the fields left None (the values the README's results use); they come before the mode's
+(``METHODS``): the recurrent tasks keep the linear SG, since their loss is no softmax over classes per example."""
 
 
 @dataclass(kw_only=True)
@@ -33,8 +33,9 @@ class PipelineConfig:
     stages: int = 4
     """Number of stages, one process each."""
     mode: str = "dni"
-    """``dni`` (synthetic gradients), ``cdni`` (labels as SG context), ``backprop`` (locked baseline), or the
-    ``torch.distributed.pipelining`` schedules ``gpipe`` and ``1f1b``."""
+    """``dni`` (synthetic gradients), ``cdni`` (labels as SG context), ``delayed`` (true gradients applied when
+    they arrive, with the weights of their step), ``local`` (a local head's loss per stage), ``backprop`` (locked
+    baseline), or the ``torch.distributed.pipelining`` schedules ``gpipe`` and ``1f1b`` (see ``methods.py``)."""
     task: str = "mnist-fcn"
     """Task to train (see ``tasks``)."""
     steps: int | None = None
@@ -52,9 +53,11 @@ class PipelineConfig:
     """Minibatch size; None: the task's (``TASK_DEFAULTS``)."""
     lr: float = None  # type: ignore[assignment]
     """Adam learning rate of the stage blocks; None: the task's."""
-    sg: str = "linear"
+    sg: str = None  # type: ignore[assignment]
     """SG kind: ``linear`` (W x W), ``low-rank`` (W -> sg_hidden -> W, linear), ``mlp`` (one hidden ReLU
-    layer), ``linear-bn``, ``linear-sigmoid``."""
+    layer), ``linear-bn``, ``linear-sigmoid``, ``softmax`` (the gradient of a linear softmax head on the stage's
+    output; classification tasks); None: the task's (copy, repeat-copy, lm: ``linear``), else the mode's
+    (``METHODS``), else ``linear``."""
     sg_hidden: int = 256
     """Hidden width (rank) of the ``low-rank``, ``mlp`` and ``linear-bn`` SGs."""
     sg_lr: float = None  # type: ignore[assignment]
@@ -92,8 +95,10 @@ class PipelineConfig:
     """Address peers use to reach this host; None: ``bind``."""
     queue_size: int = 8
     """Bound of each inbound queue, in messages."""
-    max_in_flight: int = 16
-    """DNI: steps a stage may run ahead of the gradients it has received; at the bound it waits (0: none)."""
+    max_in_flight: int = None  # type: ignore[assignment]
+    """dni, cdni: steps a stage may run ahead of the gradients it has received, at the bound it waits (0: no
+    bound); delayed: steps whose true gradient has not been applied yet (>= 1; 1 is locked backprop). None: the
+    mode's (``METHODS``), else 0."""
     stash_size: int = 64
     """Activations kept for SG training while their gradients are in flight; older ones are dropped and counted."""
     peer_timeout: float = 60.0
@@ -117,13 +122,15 @@ class PipelineConfig:
     """Testing hook: save each stage's parameter gradients of this step under ``run_dir/grads``."""
 
     def __post_init__(self) -> None:
-        for name, value in TASK_DEFAULTS.get(self.task, _MNIST).items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        if self.stages < 1:
-            raise ValueError(f"--stages must be >= 1, got {self.stages}")
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        for defaults in (TASK_DEFAULTS.get(self.task, _MNIST), self.method.defaults, {"sg": "linear",
+                                                                                      "max_in_flight": 0}):
+            for name, value in defaults.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        if self.stages < 1:
+            raise ValueError(f"--stages must be >= 1, got {self.stages}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--transport must be one of {sorted(TRANSPORTS)}, got {self.transport!r}")
         if self.sg not in SG_KINDS:
@@ -148,12 +155,15 @@ class PipelineConfig:
             raise ValueError(f"--vocab-size must be >= 3 (<unk>, <eos> and a word), got {self.vocab_size}")
         if self.max_in_flight < 0:
             raise ValueError(f"--max-in-flight must be >= 0, got {self.max_in_flight}")
-        if self.mode in PIPELINING_MODES and self.task not in PIPELINING_TASKS:
+        if self.method.source == "delayed" and self.max_in_flight < 1:
+            raise ValueError(f"--mode {self.mode} needs --max-in-flight >= 1 (1 is locked backprop), "
+                             f"got {self.max_in_flight}")
+        if self.method.pipelining and self.task not in PIPELINING_TASKS:
             raise ValueError(f"--mode {self.mode} runs the tasks {PIPELINING_TASKS}, not {self.task!r}")
         if self.microbatches < 1 or self.batch_size % self.microbatches:
             raise ValueError(f"--microbatches must be >= 1 and divide --batch-size {self.batch_size}, "
                              f"got {self.microbatches}")
-        if self.mode == "1f1b" and self.microbatches < self.stages:
+        if self.method.microbatches_per_stage and self.microbatches < self.stages:
             raise ValueError(f"--mode 1f1b needs --microbatches >= --stages ({self.stages}), got {self.microbatches}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
@@ -165,13 +175,19 @@ class PipelineConfig:
             raise ValueError(f"--peer-timeout must be > 0, got {self.peer_timeout}")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
-        if (self.checkpoint_every or self.resume) and self.mode in PIPELINING_MODES:
-            raise ValueError(f"--checkpoint-every and --resume cover the modes dni, cdni and backprop, not the "
+        if (self.checkpoint_every or self.resume) and self.method.pipelining:
+            stage_loop = [m for m in MODES if not METHODS[m].pipelining]
+            raise ValueError(f"--checkpoint-every and --resume cover the modes {', '.join(stage_loop)}, not the "
                              f"--mode {self.mode} baseline")
         if self.curve_keys is not None and self.transport != "zmq":
             raise ValueError(f"--curve-keys secures the zmq transport; --transport {self.transport} has no CURVE")
         if self.devices is not None and len(self.devices) != self.stages:
             raise ValueError(f"--devices names {len(self.devices)} devices for {self.stages} stages")
+
+    @property
+    def method(self) -> Method:
+        """What ``mode`` means (``dni_async.methods``)."""
+        return METHODS[self.mode]
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, for logs and summary.json."""
@@ -195,7 +211,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = PipelineConfig()
     a = parser.add_argument
     a("--stages", type=int, default=d.stages, help=f"number of stage processes (default: {d.stages})")
-    a("--mode", choices=MODES, default=d.mode, help=f"training method (default: {d.mode})")
+    a("--mode", choices=MODES, default=d.mode,
+      help=f"training method: dni, cdni (synthetic gradients; cdni with the labels), delayed (true gradients "
+           f"applied when they arrive, with their step's weights), local (a head and the task's loss on every "
+           f"stage), backprop (locked), gpipe, 1f1b (torch.distributed.pipelining) (default: {d.mode})")
     a("--task", default=d.task, help=f"task to train (default: {d.task})")
     a("--steps", type=int, default=None, help="training steps (default: --epochs worth)")
     a("--epochs", type=float, default=d.epochs, help=f"passes over the training set (default: {d.epochs})")
@@ -210,7 +229,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"minibatch size (default: the task's: {_task_defaults('batch_size')})")
     a("--lr", type=float, default=None,
       help=f"Adam learning rate of the stages (default: the task's: {_task_defaults('lr')})")
-    a("--sg", choices=SG_KINDS, default=d.sg, help=f"synthetic-gradient module kind (default: {d.sg})")
+    a("--sg", choices=SG_KINDS, default=None,
+      help="dni, cdni: synthetic-gradient module kind; softmax = the gradient of a linear softmax head on the "
+           "stage's output (classification tasks) (default: the mode's: "
+           + ", ".join(f"{m} {v.defaults['sg']}" for m, v in METHODS.items() if "sg" in v.defaults)
+           + "; the tasks copy, repeat-copy and lm: linear)")
     a("--sg-hidden", type=int, default=d.sg_hidden,
       help=f"hidden width (rank) of low-rank/mlp/linear-bn SGs (default: {d.sg_hidden})")
     a("--sg-lr", type=float, default=None,
@@ -241,8 +264,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bind", default=d.bind, help=f"address data-plane sockets bind to (default: {d.bind})")
     a("--advertise", default=None, help="address peers use to reach this host (default: --bind)")
     a("--queue-size", type=int, default=d.queue_size, help=f"inbound queue bound, messages (default: {d.queue_size})")
-    a("--max-in-flight", type=int, default=d.max_in_flight,
-      help=f"dni/cdni: steps a stage may run ahead of its gradients; 0 = no bound (default: {d.max_in_flight})")
+    a("--max-in-flight", type=int, default=None,
+      help="dni, cdni: steps a stage may run ahead of its gradients, 0 = no bound; delayed: steps awaiting their "
+           "true gradient, >= 1 (default: the mode's: "
+           + ", ".join(f"{m} {v.defaults['max_in_flight']}" for m, v in METHODS.items() if "max_in_flight" in
+                       v.defaults) + ")")
     a("--stash-size", type=int, default=d.stash_size,
       help=f"activations kept awaiting their gradient (default: {d.stash_size})")
     a("--peer-timeout", type=float, default=d.peer_timeout,

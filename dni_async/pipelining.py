@@ -18,27 +18,24 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from tqdm import tqdm
+from torch.distributed import pipelining
+from torch.distributed.pipelining import PipelineStage
 
 from .config import PipelineConfig
-from .metrics import JsonLines, steady_samples_per_s
+from .lifecycle import stage_run
 from .optim import fast_adam
-from .pipeline import clear_outputs, start_stage, write_stage_file, write_summary
-from .runtime import StageEnv, gather_json, shutdown
+from .runtime import StageEnv
 from .snapshots import Snapshots
 from .task import Item, PipelineTask, unpack
 
-__all__ = ["SCHEDULES", "run_pipelining"]
+__all__ = ["run_pipelining"]
 
 log = logging.getLogger("dni_async")
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
 def _broadcast_int(value: int) -> int:
@@ -80,13 +77,13 @@ def _evaluate(block: nn.Module, env: StageEnv, shapes: list[torch.Size], task: P
 def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] | None:
     """:func:`dni_async.pipeline.run_pipeline` for ``--mode gpipe`` / ``1f1b``: this process's stage of
     ``task`` under that schedule; the same checks, errors, outputs and return value."""
-    stages, shapes, env, watchdog = start_stage(task, config)
-    first, last = env.rank == 0, env.rank == config.stages - 1
-    try:
+    with stage_run(task, config) as run:
+        env, shapes = run.env, run.shapes
+        first, last = env.rank == 0, env.rank == config.stages - 1
         data = task.data() if first or last else None
         if env.is_main:
             log.info("config: %s", config.to_dict())
-        block = stages[env.rank].to(env.device)
+        block = run.stages[env.rank].to(env.device)
         group = dist.new_group(backend="nccl") if env.device.type == "cuda" else None
         # Shapes given up front (PipelineStage's static mode). Otherwise it infers them at the first step by
         # running the block on uninitialised placeholders in training mode, which puts garbage into BatchNorm's
@@ -98,26 +95,21 @@ def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any]
                                                      requires_grad=not first),
                               output_args=torch.empty(micro, *shapes[env.rank][1:], device="meta",
                                                       requires_grad=True))
-        schedule = SCHEDULES[config.mode](stage, config.microbatches, loss_fn=task.loss_fn)
+        schedule_cls = getattr(pipelining, str(config.method.schedule))
+        schedule = schedule_cls(stage, config.microbatches, loss_fn=task.loss_fn)
         opt = fast_adam(block.parameters(), config.lr)
         steps = _broadcast_int(data[1] if first and data is not None else 0)
-        run_dir = Path(config.run_dir)
-        if env.is_main:
-            clear_outputs(run_dir, resumed=False)
-        dist.barrier()
-        write_stage_file(config, env, None, "running")
-        metrics = JsonLines(run_dir / "metrics.jsonl")
+        run.begin()
+        assert run.metrics is not None
         snapshots = Snapshots(block, config.snapshot_every)
         batches = data[0] if data is not None else None
-        bar = tqdm(total=steps, disable=not (config.progress and first), desc=f"{config.mode} x{config.stages}",
-                   unit="step")
-        dist.barrier()
-        start, start_time, cpu_start = time.perf_counter(), time.time(), time.process_time()
+        bar = run.progress(steps)
+        run.started()
         step_times: list[float] = []
         losses: list[torch.Tensor] = []
         for t in range(steps):
             if config.time_budget is not None and not _broadcast_int(
-                    int(time.perf_counter() - start < config.time_budget)):
+                    int(time.perf_counter() - run.start < config.time_budget)):
                 log.info("time budget of %.1f s spent after %d steps", config.time_budget, t)
                 break
             opt.zero_grad(set_to_none=True)
@@ -135,12 +127,11 @@ def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any]
             step_times.append(time.perf_counter())
             snapshots.maybe_take(t + 1)
             if last and losses and (t + 1) % config.log_every == 0:
-                metrics.write({"stage": env.rank, "step": t, "time": time.time(),
-                               "loss": float(torch.stack(losses).detach().mean())})
+                run.metrics.write({"stage": env.rank, "step": t, "time": time.time(),
+                                   "loss": float(torch.stack(losses).detach().mean())})
             bar.update(1)
         bar.close()
-        wall = time.perf_counter() - start
-        cpu = time.process_time() - cpu_start
+        run.stopped()
         eval_items = None
         if data is not None:
             eval_items = data[2](True) if callable(data[2]) else data[2]
@@ -150,27 +141,11 @@ def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any]
             snapshots.select(step)
             summary = _evaluate(block, env, shapes, task, eval_items)
             if summary is not None:
-                curve_evals[str(step)] = summary
+                curve_evals[step] = summary
         snapshots.select(None)
-        metrics.close()
-        report = {
-            "per_stage": {"stage": env.rank, "pid": os.getpid(), "device": str(env.device), "steps": len(step_times),
-                          "cpu_fraction": round(cpu / (wall * config.threads_per_stage), 4),
-                          "loss_last": float(torch.stack(losses).detach().mean()) if losses else None},
-            "samples_per_s": steady_samples_per_s(step_times, config.batch_size), "final_eval": final_eval,
-            "dataset": data[3] if data is not None else None, "start_time": start_time,
-            "snapshot_times": snapshots.times(), "curve_evals": curve_evals}
-        write_stage_file(config, env, None, "done")
-        reports = gather_json(report)
-        watchdog.stop()
-        summary = None
-        if reports is not None:
-            summary = write_summary(config, task, reports, wall, "torch.distributed.pipelining",
-                                    microbatches=config.microbatches)
-        shutdown()
-        return summary
-    except BaseException as err:
-        log.error("failed: %s: %s", type(err).__name__, err)
-        watchdog.report(err)
-        write_stage_file(config, env, None, "failed")
-        raise
+        per_stage = {"stage": env.rank, "pid": os.getpid(), "device": str(env.device), "steps": len(step_times),
+                     "cpu_fraction": round(run.cpu_s / (run.wall * config.threads_per_stage), 4),
+                     "loss_last": float(torch.stack(losses).detach().mean()) if losses else None}
+        return run.finish(per_stage, step_times, snapshots, final_eval, curve_evals,
+                          data[3] if data is not None else None, "torch.distributed.pipelining",
+                          microbatches=config.microbatches)

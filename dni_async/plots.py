@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["stage_intervals", "plot_results"]
+__all__ = ["SPANS", "stage_intervals", "plot_results"]
 
 COLORS = {"forward": "tab:blue", "backward": "tab:orange", "sg": "tab:green", "wait": "0.85"}
 
@@ -22,39 +22,24 @@ def _pyplot() -> Any:
     return plt
 
 
+SPANS = {"forward": "forward", "update": "backward", "sg_predicted": "sg", "sg_update": "sg",
+         "grad_arrived": "wait", "act_sent": "wait", "grad_sent": "wait"}
+"""Which events' spans each colour shows (a span runs from the stage's previous event to the event: see
+``dni_async.trace``). Waiting on a peer: a gradient's arrival spans the wait for it (long where a stage blocked
+for it: locked backprop, a full window; short where it was only polled), a send the time it was blocked."""
+
+
 def stage_intervals(run_dir: Path) -> dict[int, dict[str, list[tuple[float, float]]]]:
     """From a run's event logs: per stage, ``(start, end)`` times of its forward, backward (incl. optimizer
-    step), SG-update and waiting intervals (locked backprop: for the gradient; dni: at ``--max-in-flight``)."""
+    step), SG and waiting-for-a-gradient intervals."""
     out: dict[int, dict[str, list[tuple[float, float]]]] = {}
     for path in sorted((run_dir / "events").glob("stage-*.jsonl")):
         events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        stage = int(path.stem.split("-")[1])
         spans: dict[str, list[tuple[float, float]]] = {k: [] for k in COLORS}
-        open_at: dict[tuple[str, int], float] = {}
-        for e in events:
-            name, step, t = e["event"], e["step"], e["t"]
-            if name == "window_wait":  # dni: at the --max-in-flight bound until a gradient comes back
-                open_at[("window", step)] = t
-            elif name == "step_start":
-                if ("window", step) in open_at:
-                    spans["wait"].append((open_at.pop(("window", step)), t))
-                open_at[("forward", step)] = t
-            elif name == "forward" and ("forward", step) in open_at:
-                spans["forward"].append((open_at.pop(("forward", step)), t))
-                open_at[("backward", step)] = t
-            elif name == "act_sent" and ("backward", step) in open_at:
-                open_at[("sent", step)] = t
-            elif name == "grad_arrived" and ("sent", step) in open_at:  # locked backprop: waited since the send
-                spans["wait"].append((open_at.pop(("sent", step)), t))
-                open_at[("backward", step)] = t
-            elif name == "update" and ("backward", step) in open_at:
-                spans["backward"].append((open_at.pop(("backward", step)), t))
-                open_at.pop(("sent", step), None)
-            elif name == "sg_start":
-                open_at[("sg", step)] = t
-            elif name == "sg_update" and ("sg", step) in open_at:
-                spans["sg"].append((open_at.pop(("sg", step)), t))
-        out[stage] = spans
+        for before, event in zip(events, events[1:]):
+            if event["event"] in SPANS:
+                spans[SPANS[event["event"]]].append((before["t"], event["t"]))
+        out[int(path.stem.split("-")[1])] = spans
     return out
 
 
@@ -124,7 +109,7 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    shown = [r for r in runs if r["mode"] in ("dni", "backprop")] or [r for r in runs if r["mode"] == "cdni"]
+    shown = [r for r in runs if r["mode"] in ("backprop", "dni", "delayed")] or runs[:1]
     if shown:
         fig, axes = plt.subplots(len(shown), 1, figsize=(9, 1.2 + 1.1 * results["config"]["stages"] * len(shown)),
                                  squeeze=False)

@@ -8,10 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hooks import StepHook
+
 __all__ = ["Snapshots", "accuracy_curve"]
 
 
-class Snapshots:
+class Snapshots(StepHook):
     """Every ``every`` steps, a copy of ``module``'s state (parameters and buffers) and the time it was taken.
 
     Evaluating the copies once training is over gives the accuracy the run had
@@ -34,6 +36,9 @@ class Snapshots:
         if self.every and step % self.every == 0:
             state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
             self.taken[step] = (time.time(), state)
+
+    def after_step(self, t: int) -> None:
+        self.maybe_take(t + 1)
 
     def steps(self) -> list[int]:
         """The steps snapshots were taken at, in order."""

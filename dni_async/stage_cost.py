@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .config import PipelineConfig
-from .optim import fast_adam
-from .pipeline import build_sg, validate
-from .synthetic import DNINetwork, synthetic_gradient
+from .lifecycle import validate
+from .metrics import JsonLines
+from .stage import StageWorker
 from .task import PipelineTask, unpack
+from .transport import Message
+from .transport.memory import MemoryTransport
 
 __all__ = ["stage_step_times"]
+
+SG_ACTIONS = ("sg_predicted", "sg_update")
+"""Trace events whose spans are the SG's work (see ``dni_async.trace``)."""
 
 
 def _interleaved_medians(fns: list[Callable[[], None]], repeats: int, warmup: int) -> list[float]:
@@ -34,85 +40,81 @@ def _interleaved_medians(fns: list[Callable[[], None]], repeats: int, warmup: in
     return [statistics.median(t) for t in times]
 
 
-def _one_stage(block: nn.Module, inp: torch.Tensor, y: torch.Tensor, last: bool, task: PipelineTask,
-               config: PipelineConfig, sg: DNINetwork | None,
-               out_shape: tuple[int, ...]) -> tuple[Callable[[], None], Callable[[], None] | None]:
-    """One stage's training step, and its SG work alone (None without an SG), as functions to time."""
-    opt = fast_adam(block.parameters(), config.lr)
-    sg_opt = fast_adam(sg.parameters(), config.sg_lr) if sg is not None else None
-    ctx = task.context(y) if config.mode == "cdni" else None
-    target = torch.randn(inp.shape[0], *out_shape)
+class _Events:
+    """An event sink that keeps the events in memory."""
 
-    def sg_forward(h: torch.Tensor) -> torch.Tensor:
-        assert sg is not None
-        return synthetic_gradient(sg, h, ctx)
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
 
-    def sg_update(h: torch.Tensor) -> None:
-        assert sg_opt is not None
-        loss = F.mse_loss(sg_forward(h), target)
-        sg_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sg_opt.step()
+    def write(self, obj: dict[str, Any]) -> None:
+        self.events.append(obj)
 
-    def step() -> None:
-        h = block(inp.detach().requires_grad_(inp.requires_grad))  # stages > 0 send their input's gradient
-        if last:
-            task.loss_fn(h, y).backward()
-        else:
-            if sg is not None:
-                with torch.no_grad():
-                    g = sg_forward(h.detach()) / h.shape[0]
-            else:
-                g = target / h.shape[0]  # backprop: the gradient the next stage sends
-            h.backward(g)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if sg is not None:
-            sg_update(h.detach())
 
-    def sg_work() -> None:
-        h = target  # an activation-shaped tensor
-        with torch.no_grad():
-            sg_forward(h)
-        sg_update(h)
+def _sg_seconds(events: list[dict[str, Any]], steps: int) -> float:
+    """Seconds per step of SG work: the spans of the SG's actions (each from the previous event to its own)."""
+    total = sum(b["t"] - a["t"] for a, b in zip(events, events[1:]) if b["event"] in SG_ACTIONS)
+    return total / max(1, steps)
 
-    return step, sg_work if sg is not None else None
+
+def _answer_with(gradients: dict[torch.Size, torch.Tensor], source: int) -> Callable[[Message], Message | None]:
+    """Answer each activation sent forward with a fixed gradient of its shape, as the next stage would."""
+    def answer(msg: Message) -> Message | None:
+        if msg.kind != "act":
+            return None
+        h = msg.tensors[0]
+        grad = gradients.setdefault(h.shape, torch.randn(h.shape) / h.shape[0])
+        return Message("grad", msg.step, source, [grad])
+
+    return answer
 
 
 def stage_step_times(task: PipelineTask, config: PipelineConfig, repeats: int = 20,
                      warmup: int = 5) -> list[dict[str, Any]]:
     """Median seconds of one training step of each stage alone, with ``config.threads_per_stage`` threads.
 
-    A step is what the stage computes for one batch in ``config.mode``: its
-    block's forward, backward and Adam step, plus on the last stage the loss,
-    and on the other stages in ``dni`` / ``cdni`` the SG's forward (the
-    synthetic gradient) and its update on one target (forward, backward, Adam
-    step). Transport, waiting and Python outside the step are not in it, so
-    ``batch / max(step_s)`` is the throughput a pipeline of these stages could
-    reach at best. Runs on copies of the blocks, on the task's first batch;
-    the stages take turns step by step, so that the machine's slow spells
-    (this 2-core one has them) fall on every stage alike.
+    A step is :meth:`StageWorker.train_step` itself, in ``config.mode``, with
+    in-process channels whose next stage answers every activation at once
+    with a gradient (none in ``local``): forward, backward and optimizer of
+    the block, the loss on the last stage, and each method's own work (the SG's
+    prediction and its update on one target; the weight stash; the local
+    head). Transport and waiting are not in it, so ``batch / max(step_s)`` is
+    the throughput a pipeline of these stages could reach at best. Runs on
+    copies of the blocks, on the task's first batch; the stages take turns step
+    by step, so that the machine's slow spells fall on every stage alike.
 
     Returns:
-        Per stage: ``stage``, ``step_s`` (all of it), ``sg_s`` (the SG part, 0 without one).
+        Per stage: ``stage``, ``step_s`` (all of it), ``sg_s`` (the SG's part: its mean over the steps, from the
+        trace; 0 without an SG).
     """
     torch.set_num_threads(config.threads_per_stage)
     stages, shapes = validate(task, config)
+    config = dataclasses.replace(config, log_every=10**9, snapshot_every=0, eval_every=0, checkpoint_every=0,
+                                 save_grads_step=None, slow_stage={}, fail_stage={}, resume=None)
     x, y, _ = unpack(next(iter(task.data()[0])))
+    per_example = [tuple(s[1:]) for s in shapes]
+    metrics = JsonLines(Path(os.devnull))
+    gradients: dict[torch.Size, torch.Tensor] = {}
     fns: list[Callable[[], None]] = []
-    has_sg = []
+    sinks: list[_Events] = []
     for i, stage in enumerate(stages):
         last = i == len(stages) - 1
-        sg = None
-        if config.mode in ("dni", "cdni") and not last:
-            sg = build_sg(config.sg, tuple(shapes[i][1:]), config.sg_hidden,
-                          task.num_classes if config.mode == "cdni" else 0)
-        inp = x if i == 0 else torch.randn(x.shape[0], *shapes[i - 1][1:]).requires_grad_()
-        step, sg_work = _one_stage(copy.deepcopy(stage), inp, y, last, task, config, sg, tuple(shapes[i][1:]))
-        fns.append(step)
-        has_sg.append(sg_work is not None)
-        if sg_work is not None:
-            fns.append(sg_work)
-    medians = iter(_interleaved_medians(fns, repeats, warmup))
-    return [{"stage": i, "step_s": next(medians), "sg_s": next(medians) if with_sg else 0.0}
-            for i, with_sg in enumerate(has_sg)]
+        answers = not last and config.method.sends_gradients
+        transport = MemoryTransport(i, len(stages), _answer_with(gradients, i + 1) if answers else None, record=False)
+        sinks.append(_Events())
+        worker = StageWorker(i, len(stages), copy.deepcopy(stage), transport, config, torch.device("cpu"), task,
+                             per_example, metrics, sinks[-1])
+        inp = x if i == 0 else torch.randn(x.shape[0], *shapes[i - 1][1:])
+        fns.append(_stepper(worker, inp, y))
+    medians = _interleaved_medians(fns, repeats, warmup)
+    metrics.close()
+    return [{"stage": i, "step_s": median, "sg_s": _sg_seconds(sink.events, repeats + warmup)}
+            for i, (median, sink) in enumerate(zip(medians, sinks))]
+
+
+def _stepper(worker: StageWorker, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One more training step of ``worker`` on the same batch (its events flushed to its sink)."""
+    def step() -> None:
+        worker.train_step(worker.stats.steps, x, y, {})
+        worker.trace.flush()
+
+    return step

@@ -17,6 +17,7 @@ __all__ = [
     "LinearBatchNormDNI",
     "Conv2dDNI",
     "RNNDNI",
+    "SoftmaxDNI",
 ]
 
 
@@ -292,3 +293,65 @@ class RNNDNI(DNINetwork):
             x = self._with_context(input, context, dim=-1)
         out, hidden = self.rnn(x, hidden)
         return self.final(out), hidden
+
+
+class SoftmaxDNI(DNINetwork):
+    """The gradient of a linear softmax classifier's loss on ``h``: ``(softmax(W h + b) - onehot(y)) W``.
+
+    An SG shaped like the gradient it predicts: where the network ends in a
+    softmax classifier, dL/dh at a hidden layer is largely of this form, and
+    ``W``, ``b`` (``hidden_size`` classes x the flattened features) are learned
+    by regression on the returned gradients like any SG. The output is the
+    batch-scaled prediction ``B * dL/dh`` of a mean loss over ``B`` examples
+    (divide by ``B`` for the gradient itself). ``y``: the labels as context
+    (cDNI; one-hot ``(batch, classes)`` floats or class ids ``(batch,)``), or,
+    without context (DNI), the head's own prediction ``argmax(W h + b)``. ``W``
+    and ``b`` start at zero, so the first prediction is exactly 0.
+
+    Args:
+        input_size: features of the activation, flattened after the batch dimension (``C * H * W`` for feature
+            maps).
+        hidden_size: number of classes of the head.
+        output_size: must equal ``input_size``.
+        context_size: 0 (labels from the head's own prediction) or ``hidden_size`` (labels as context).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int, context_size: int = 0,
+                 **kwargs: Any) -> None:
+        super().__init__(input_size, hidden_size, output_size, context_size=context_size)
+        _check_sizes(input_size, hidden_size, output_size, context_size)
+        if output_size != input_size:
+            raise ValueError(f"SoftmaxDNI predicts a gradient of its input's shape: output_size must be input_size "
+                             f"({input_size}), got {output_size}")
+        if context_size not in (0, hidden_size):
+            raise ValueError(f"SoftmaxDNI's context is the one-hot label: context_size must be 0 or hidden_size "
+                             f"({hidden_size} classes), got {context_size}")
+        self.head = nn.Linear(input_size, hidden_size)
+        _zero_init(self.head)
+
+    def forward(  # type: ignore[override]
+        self, input: torch.Tensor, hidden: Any = None, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        flat = input.flatten(1)
+        if flat.shape[1] != self.input_size:
+            raise ValueError(f"SoftmaxDNI was built for {self.input_size} features, got an activation of shape "
+                             f"{tuple(input.shape)}")
+        logits = self.head(flat)
+        return ((logits.softmax(-1) - self._labels(logits, context)) @ self.head.weight).view_as(input), hidden
+
+    def _labels(self, logits: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """One-hot labels: the context's, or the head's argmax without one."""
+        classes = self.hidden_size
+        if context is None:
+            if self.context_size:
+                raise ValueError(f"SoftmaxDNI was built with context_size={self.context_size} but got no context")
+            return F.one_hot(logits.argmax(-1), classes).to(logits.dtype)
+        if not self.context_size:
+            raise ValueError("SoftmaxDNI was built with context_size=0 but got a context")
+        if not context.is_floating_point() and context.shape == logits.shape[:1]:
+            return F.one_hot(context.long(), classes).to(logits.dtype)
+        if context.shape != logits.shape:
+            raise ValueError(f"context must be class ids of shape ({logits.shape[0]},) or one-hot of shape "
+                             f"{tuple(logits.shape)}, got {tuple(context.shape)}")
+        return context.to(logits.dtype)
+

@@ -59,6 +59,8 @@ class PipelineTask:
     """Size of the cDNI context: label count, or the feature count ``context_fn`` returns."""
     data: Callable[[], tuple[Iterator[Item], int, EvalData, str]]
     """Called on stage 0 only: ``(train items, steps, eval items or eval(final) -> items, dataset name)``."""
+    classification: bool = True
+    """The loss is one softmax cross-entropy over ``num_classes`` per example (what ``--sg softmax`` models)."""
     input_dtype: torch.dtype = torch.float32
     """Dtype of the inputs (``torch.long`` for token ids)."""
     context_fn: Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -1,6 +1,6 @@
-"""Benchmark: DNI vs locked backprop vs torch.distributed.pipelining (GPipe, 1F1B), side by side.
+"""Benchmark: every method (DNI, delayed, local, ...), locked backprop and torch.distributed.pipelining, side by side.
 
-    python launch/benchmark.py --stages 2 --task mnist-fcn --modes dni,cdni,backprop,gpipe,1f1b --out DIR
+    python launch/benchmark.py --stages 2 --modes dni,cdni,cdni:softmax,delayed,local,backprop,1f1b --out DIR
 
 Each mode runs as its own torchrun job of launch/pipeline.py on the same model,
 stages, data, batch size, threads and devices; repeats are interleaved and
@@ -9,8 +9,11 @@ reported as medians. Flags this script does not know (--num-layers,
 
 Writes DIR/results.json (env, runs, ratios), DIR/throughput.png,
 DIR/accuracy_vs_time.png, DIR/timeline.png, and each job's run folder under
-DIR/runs/. Modes: dni, cdni, backprop, gpipe, 1f1b, and single (the whole
-model in one process using stages x threads-per-stage threads).
+DIR/runs/. Modes: dni, cdni, delayed, local, backprop, gpipe, 1f1b, and single
+(the whole model in one process using stages x threads-per-stage threads); an
+entry MODE:SG runs MODE with --sg SG (cdni:softmax), so one benchmark can
+compare SG kinds. A flag given to every job that a mode does not use (--sg for
+backprop, say) is ignored by that mode.
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", type=int, default=2, help="stages (processes) per job (default: 2)")
     parser.add_argument("--task", default="mnist-fcn", help="task (default: mnist-fcn)")
-    parser.add_argument("--modes", default="dni,cdni,backprop,gpipe,1f1b",
-                        help=f"comma list from {','.join(BENCH_MODES)} (default: %(default)s)")
+    parser.add_argument("--modes", default="dni,cdni,delayed,local,backprop,gpipe,1f1b",
+                        help=f"comma list from {','.join(BENCH_MODES)}, each optionally MODE:SG (default: "
+                             f"%(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--steps", type=int, default=None, help="training steps per job (default: 1000; --quick 40)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",

@@ -13,8 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `tasks` lives there
 
-from dni_async.config import PIPELINING_MODES, add_arguments, config_from_args  # noqa: E402
-from dni_async.pipeline import run_pipeline, setup_logging, validate  # noqa: E402
+from dni_async.config import add_arguments, config_from_args  # noqa: E402
+from dni_async.lifecycle import setup_logging, validate  # noqa: E402
+from dni_async.pipeline import run_pipeline  # noqa: E402
 from dni_async.pipelining import run_pipelining  # noqa: E402
 from dni_async.runtime import LaunchError  # noqa: E402
 from tasks import get_pipeline_task  # noqa: E402
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         torchrun(["--standalone", "--nproc-per-node", str(config.stages), __file__, *argv])
         return 0
     try:
-        (run_pipelining if config.mode in PIPELINING_MODES else run_pipeline)(task, config)
+        (run_pipelining if config.method.pipelining else run_pipeline)(task, config)
     except (ValueError, LaunchError) as err:  # bad input or launch, found before training
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -133,7 +133,7 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
     torch.manual_seed(config.seed)
     bptt = config.bptt
     assert bptt is not None, "PipelineConfig resolves --bptt for copy"
-    blocks = copy_model_blocks(config.hidden_size, config.num_layers, config.mode != "backprop", config.sg_lr,
+    blocks = copy_model_blocks(config.hidden_size, config.num_layers, config.method.temporal_sg, config.sg_lr,
                                config.sg_scale)
     curriculum = Curriculum()
     latest: dict[str, Any] = {}  # PipelineTask.latest: what the last stage relays back
@@ -179,7 +179,8 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
         return train_items(steps), steps, eval_items, f"{config.task} (generated, seed {config.seed})"
 
     return PipelineTask(name=config.task, blocks=blocks, loss_fn=copy_loss, input_shape=(bptt, BITS + 2),
-                        num_classes=BITS + 2, context_fn=lambda labels: labels, metric_fn=bit_errors,
+                        num_classes=BITS + 2, classification=False, context_fn=lambda labels: labels,
+                        metric_fn=bit_errors,
                         summarize=bits_summary, train_metrics=True, latest=latest, data=data,
                         data_state=lambda: {**position, "curriculum": dict(position["curriculum"])},
                         resume_data=lambda state: position.update(state),

@@ -109,7 +109,7 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
     bptt = config.bptt
     assert bptt is not None, "PipelineConfig resolves --bptt for lm"
     vocab = len(corpus.vocab)
-    blocks = lm_blocks(vocab, config.hidden_size, config.num_layers, config.mode != "backprop", config.sg_lr,
+    blocks = lm_blocks(vocab, config.hidden_size, config.num_layers, config.method.temporal_sg, config.sg_lr,
                        config.sg_scale)
 
     def train_items(items: list[Item], steps: int) -> Iterator[Item]:
@@ -127,7 +127,8 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
                 lambda final: evals["valid"] + evals["test"] if final else evals["valid"], dataset)
 
     return PipelineTask(name="lm", blocks=blocks, loss_fn=lm_loss, input_shape=(bptt,), input_dtype=torch.long,
-                        num_classes=vocab, context_fn=lambda targets: targets, metric_fn=nll_sums,
+                        num_classes=vocab, classification=False, context_fn=lambda targets: targets,
+                        metric_fn=nll_sums,
                         summarize=perplexity, data=data)
 
 

@@ -14,12 +14,12 @@ import torch
 from conftest import ROOT
 from torch import nn
 
-from dni_async.benchmark import _median_or_none, time_to_target
+from dni_async.benchmark import _median_or_none, parse_label, time_to_target
 from dni_async.config import PipelineConfig
 from dni_async.plots import stage_intervals
 from dni_async.snapshots import Snapshots, accuracy_curve
 
-MODES = ["dni", "cdni", "backprop", "gpipe", "1f1b", "single"]
+MODES = ["dni", "cdni", "cdni:softmax", "delayed", "local", "backprop", "gpipe", "1f1b", "single"]
 
 
 def test_time_to_target_is_the_first_point_at_or_above_it() -> None:
@@ -66,18 +66,20 @@ def test_accuracy_curve_waits_for_the_slowest_stage() -> None:
 
 
 def test_stage_intervals_from_event_logs(tmp_path: Path) -> None:
+    """Each event spans from the stage's previous event; waits are gradient arrivals and sends."""
     events = tmp_path / "events"
     events.mkdir()
-    backprop = [("step_start", 0, 0.0), ("forward", 0, 1.0), ("act_sent", 0, 1.5), ("grad_arrived", 0, 4.0),
+    backprop = [("input", 0, 0.0), ("forward", 0, 1.0), ("act_sent", 0, 1.5), ("grad_arrived", 0, 4.0),
                 ("update", 0, 5.0)]
-    dni = [("window_wait", 1, 0.0), ("step_start", 1, 2.0), ("forward", 1, 3.0), ("act_sent", 1, 3.5),
-           ("update", 1, 4.0), ("grad_arrived", 0, 4.1), ("sg_start", 0, 4.2), ("sg_update", 0, 4.6)]
+    dni = [("input", 1, 0.0), ("grad_arrived", 0, 2.0), ("sg_update", 0, 2.5), ("forward", 1, 3.0),
+           ("act_sent", 1, 3.5), ("sg_predicted", 1, 3.7), ("update", 1, 4.0)]
     for stage, log in enumerate([backprop, dni]):
         lines = [json.dumps({"t": t, "stage": stage, "event": e, "step": s}) for e, s, t in log]
         (events / f"stage-{stage}.jsonl").write_text("\n".join(lines) + "\n")
     spans = stage_intervals(tmp_path)
-    assert spans[0] == {"forward": [(0.0, 1.0)], "backward": [(4.0, 5.0)], "sg": [], "wait": [(1.5, 4.0)]}
-    assert spans[1] == {"forward": [(2.0, 3.0)], "backward": [(3.0, 4.0)], "sg": [(4.2, 4.6)], "wait": [(0.0, 2.0)]}
+    assert spans[0] == {"forward": [(0.0, 1.0)], "backward": [(4.0, 5.0)], "sg": [], "wait": [(1.0, 1.5), (1.5, 4.0)]}
+    assert spans[1] == {"forward": [(2.5, 3.0)], "backward": [(3.7, 4.0)], "sg": [(2.0, 2.5), (3.5, 3.7)],
+                        "wait": [(0.0, 2.0), (3.0, 3.5)]}
 
 
 def test_pipelining_modes_check_their_input() -> None:
@@ -89,6 +91,15 @@ def test_pipelining_modes_check_their_input() -> None:
         PipelineConfig(mode="1f1b", stages=4, microbatches=2)
     with pytest.raises(ValueError, match="--time-budget"):
         PipelineConfig(time_budget=0)
+
+
+def test_benchmark_entries_name_a_mode_and_optionally_an_sg() -> None:
+    assert parse_label("delayed") == ("delayed", [])
+    assert parse_label("cdni:softmax") == ("cdni", ["--sg", "softmax"])
+    with pytest.raises(ValueError, match="unknown SG kind 'huge'"):
+        parse_label("cdni:huge")
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        parse_label("fast")
 
 
 def test_quick_benchmark_writes_results_and_plots(tmp_path: Path, mnist_dir: Path) -> None:
@@ -118,7 +129,8 @@ def test_quick_benchmark_writes_results_and_plots(tmp_path: Path, mnist_dir: Pat
         assert r["time_to_target_s"] is None or r["time_to_target_s"] > 0
         summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
         assert [p["step"] for p in summary["curve"]] == [10, 20, 30, 40]
-        assert summary["curve"][-1]["accuracy"] == pytest.approx(summary["final_eval"]["accuracy"])
+        if mode != "delayed":  # delayed evaluates after applying the gradients still in flight at the last snapshot
+            assert summary["curve"][-1]["accuracy"] == pytest.approx(summary["final_eval"]["accuracy"])
         if mode == "single":
             assert r["ideal_samples_per_s"] is None and r["efficiency"] is None
         else:

@@ -17,13 +17,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import ROOT, ok, torchrun
-from test_stage import ScriptedTransport, batch, first_stage
+from inprocess import Scripted, batches, worker
+from test_stage import SHAPES3, three_blocks
 
 from dni_async import checkpoint
 from dni_async.checkpoint import Checkpointer, check_compatible, load_stage, newest_complete
 from dni_async.config import PipelineConfig
-from dni_async.pipeline import validate
-from dni_async.transport import Message
+from dni_async.lifecycle import validate
 from tasks import get_pipeline_task
 from tasks.mnist import evaluate, fcn_blocks, load_splits
 
@@ -115,44 +115,39 @@ def test_validate_guards_checkpoint_folders(tmp_path: Path) -> None:
 
 def test_worker_state_round_trip_continues_identically(tmp_path: Path) -> None:
     """Block, SG and both optimizers restored (weights_only) give the next update bit for bit."""
-    a, _ = first_stage(tmp_path / "a")
-    for t in range(3):
-        a._train_step(t, *batch(), {})
+    def first(path: Path) -> Any:
+        return worker(path, 0, 3, three_blocks(), Scripted(0, 3, delay=0), SHAPES3)  # nothing in flight
+
+    a = first(tmp_path / "a")
+    for t, (x, y) in enumerate(batches(3)):
+        a.train_step(t, x, y, {})
     path = tmp_path / "state.pt"
     torch.save({**a.checkpoint_state(), "step": 3}, path)
-    b, _ = first_stage(tmp_path / "b")
+    b = first(tmp_path / "b")
     b.restore(torch.load(path, weights_only=True))
     assert b.start_step == 3 and b.stats.steps == 3
-    x, y = batch()
-    a._train_step(3, x, y, {})
-    b._train_step(3, x, y, {})
-    for p, q in zip([*a.block.parameters(), *a.sg.parameters()], [*b.block.parameters(), *b.sg.parameters()]):
+    (x, y), = batches(1, seed=1)
+    a.train_step(3, x, y, {})
+    b.train_step(3, x, y, {})
+    for p, q in zip([*a.io.block.parameters(), *a.source.sg.parameters()],
+                    [*b.io.block.parameters(), *b.source.sg.parameters()]):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-class StopAtEnd(ScriptedTransport):
-    """Answers the final wait for ``stop`` (the scripted transport would refuse to wait forever)."""
-
-    def recv(self, direction: str, timeout: float | None = None) -> Message | None:
-        if timeout is None and not self.inbox[direction]:
-            return Message("stop", 0, 1)
-        return super().recv(direction, timeout)
-
-
 def test_resumed_first_stage_continues_the_data_position(tmp_path: Path) -> None:
-    worker, _ = first_stage(tmp_path)
-    transport = StopAtEnd(0, 2)
-    worker.transport = transport
-    state = {**worker.checkpoint_state(), "step": 5}
-    worker.restore(state)
+    transport = Scripted(0, 3)
+    w = worker(tmp_path, 0, 3, three_blocks(), transport, SHAPES3)
+    w.restore({**w.checkpoint_state(), "step": 5, "data_position": 5})
     items = [(torch.full((5, 4), float(i)), torch.zeros(5, dtype=torch.long)) for i in range(8)]
-    worker.run_first(iter(items), 8, [], None)
+    with torch.no_grad():
+        expected = w.io.block(items[5][0])  # step 5 reads item 5 (before any update)
+    w.run_first(iter(items), 8, [], None)
     acts = [m for m in transport.sent if m.kind == "act"]
     assert [m.step for m in acts] == [5, 6, 7]
-    assert [float(m.tensors[1].sum()) for m in acts] == [0.0] * 3
-    assert worker.stats.steps == 8
+    torch.testing.assert_close(acts[0].tensors[0], expected)
+    assert w.stats.steps == 8
     with pytest.raises(ValueError, match="--steps must be above it"):
-        worker.run_first(iter(items), 5, [], None)
+        w.run_first(iter(items), 5, [], None)
 
 
 def run_args(run: Path, mnist_dir: Path, *extra: str) -> list[str]:
@@ -221,11 +216,16 @@ def test_recurrent_backprop_resume_is_bitwise(tmp_path: Path, task: str, steps: 
     assert summaries[0]["final_eval"] == summaries[1]["final_eval"]
 
 
-def test_dni_resume_continues_steps_and_metrics(tmp_path: Path, mnist_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["dni", "delayed", "local"])
+def test_resume_continues_steps_and_metrics(tmp_path: Path, mnist_dir: Path, mode: str) -> None:
     run = tmp_path / "run"
-    crashed = torchrun(2, run_args(run, mnist_dir, "--fail-stage", "1:20"), 120)
+    crashed = torchrun(2, run_args(run, mnist_dir, "--mode", mode, "--fail-stage", "1:20"), 120)
     assert crashed.returncode != 0
-    ok(torchrun(2, run_args(run, mnist_dir, "--resume", str(run)), 120))
+    set_dir, manifest = newest_complete(run)
+    assert manifest["step"] == 15
+    # stage 0's source: the SG or the local head with its Adam; delayed keeps nothing (in flight: applied first)
+    assert set(load_stage(set_dir, 0)["source"]) == (set() if mode == "delayed" else {"module", "opt"})
+    ok(torchrun(2, run_args(run, mnist_dir, "--mode", mode, "--resume", str(run)), 120))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from"]["step"] == 15 and summary["steps"] == 30
     assert [s["steps"] for s in summary["per_stage"]] == [30, 30]

@@ -9,11 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from dni_async.config import PipelineConfig, config_from_args
+from dni_async.config import MODES, PipelineConfig, config_from_args
+from dni_async.lifecycle import validate
+from dni_async.methods import METHODS
 from dni_async.metrics import steady_samples_per_s
 from dni_async.partition import balanced_split, check_stage_shapes, partition
-from dni_async.pipeline import build_sg
+from dni_async.sources import build_sg
 from dni_async.synthetic import LowRankDNI
+from tasks import get_pipeline_task
 
 
 def brute_force(costs: list[int], parts: int) -> int:
@@ -61,6 +64,7 @@ def test_shape_mismatch_names_both_stages_and_shapes() -> None:
     ("batch_size", 0, "--batch-size must be >= 1"),
     ("sg", "transformer", "--sg must be one of"),
     ("peer_timeout", 0, "--peer-timeout must be > 0"),
+    ("max_in_flight", -1, "--max-in-flight must be >= 0"),
 ])
 def test_config_validation(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -76,15 +80,50 @@ def test_config_from_argv() -> None:
         config_from_args(["--stages", "3", "--devices", "cpu,cpu"])
 
 
+def test_each_mode_fills_in_its_own_defaults_and_explicit_values_win() -> None:
+    for mode, method in METHODS.items():
+        config = PipelineConfig(mode=mode)
+        assert config.method is method
+        for name, value in method.defaults.items():
+            assert getattr(config, name) == value, (mode, name)
+    assert PipelineConfig(mode="cdni").sg == "softmax" and PipelineConfig(mode="cdni", task="lm").sg == "linear"
+    assert PipelineConfig(mode="delayed", max_in_flight=5).max_in_flight == 5
+    assert PipelineConfig(mode="cdni", sg="mlp").sg == "mlp"
+    assert PipelineConfig(mode="backprop").max_in_flight == 0  # not used: the mode has no window
+    with pytest.raises(ValueError, match="--mode delayed needs --max-in-flight >= 1"):
+        PipelineConfig(mode="delayed", max_in_flight=0)
+    assert [m for m in MODES if METHODS[m].pipelining] == ["gpipe", "1f1b"]
+    assert not METHODS["local"].sends_gradients and METHODS["cdni"].sg_context and not METHODS["delayed"].has_sg
+
+
+@pytest.mark.parametrize("task,mode,sg,refusal", [
+    ("copy", "cdni", "softmax", "--sg softmax predicts the gradient of one softmax"),
+    ("lm", "dni", "softmax", "--sg softmax predicts the gradient of one softmax"),
+    ("copy", "backprop", "softmax", None),  # a flag the mode does not use is accepted
+    ("mnist-cnn", "cdni", "softmax", None),
+    ("copy", "local", None, None),
+    ("copy", "delayed", None, None),
+])
+def test_methods_the_task_cannot_run_are_refused_before_any_process(task: str, mode: str, sg: str | None,
+                                                                    refusal: str | None) -> None:
+    config = PipelineConfig(stages=2, task=task, mode=mode, sg=sg, hidden_size=8, steps=5)
+    run = lambda: validate(get_pipeline_task(config), config)  # noqa: E731
+    if refusal is None:
+        run()
+    else:
+        with pytest.raises(ValueError, match=refusal):
+            run()
+
+
 def test_steady_throughput_skips_warmup() -> None:
     times = [0.0, 5.0] + [5.0 + k for k in range(1, 19)]  # a slow first step, then 1 step/s
     assert steady_samples_per_s(times, batch_size=10) == pytest.approx(10.0)
     assert steady_samples_per_s(times[:3], batch_size=10) is None
 
 
-@pytest.mark.parametrize("kind", ["linear", "low-rank", "mlp", "linear-bn", "linear-sigmoid"])
+@pytest.mark.parametrize("kind", ["linear", "low-rank", "mlp", "linear-bn", "linear-sigmoid", "softmax"])
 def test_build_sg_kinds(kind: str) -> None:
-    sg = build_sg(kind, 16, 8, context_size=3)
+    sg = build_sg(kind, 16, 8, context_size=3, classes=3)
     h = torch.randn(4, 16)
     out, _ = sg(h, None, context=torch.eye(3)[[0, 1, 2, 0]])
     assert out.shape == h.shape and torch.count_nonzero(out) == 0
@@ -109,3 +148,5 @@ def test_build_sg_for_feature_maps() -> None:
     assert out.shape == h.shape
     with pytest.raises(ValueError, match="no convolutional form"):
         build_sg("linear-bn", (8, 7, 7), 4, context_size=0)
+    softmax = build_sg("softmax", (8, 7, 7), 4, context_size=10, classes=10)
+    assert softmax(h, None, context=torch.eye(10)[[3, 4]])[0].shape == h.shape

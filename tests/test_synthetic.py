@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dni_async import RNNDNI, Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI
+from dni_async import RNNDNI, Conv2dDNI, DNINetwork, LinearBatchNormDNI, LinearDNI, LinearSigmoidDNI, SoftmaxDNI
 
 # (kind, constructor kwargs, activation shape)
 KINDS = [
@@ -116,3 +116,38 @@ def test_sigmoid_bounded_by_scale() -> None:
     nn.init.constant_(sg.final.weight, 100.0)
     out, _ = sg(torch.randn(16, 4) * 10)
     assert out.abs().max() <= 0.5
+
+
+def test_softmax_sg_is_the_gradient_of_a_linear_softmax_head() -> None:
+    """ĝ = (softmax(W h + b) - onehot(y)) W, per example: B times the gradient of the head's mean loss."""
+    sg = SoftmaxDNI(6, 4, 6, context_size=4)
+    assert torch.count_nonzero(sg(torch.randn(5, 6), None, context=torch.zeros(5, dtype=torch.long))[0]) == 0
+    with torch.no_grad():
+        for p in sg.parameters():
+            p.normal_()
+    w, b = sg.head.weight, sg.head.bias
+    h, y = torch.randn(5, 6), torch.tensor([0, 3, 1, 1, 2])
+    by_hand = (torch.softmax(h @ w.T + b, -1) - F.one_hot(y, 4)) @ w
+    torch.testing.assert_close(sg(h, None, context=y)[0], by_hand)
+    torch.testing.assert_close(sg(h, None, context=F.one_hot(y, 4).float())[0], by_hand)
+    leaf = h.clone().requires_grad_()
+    F.cross_entropy(F.linear(leaf, w, b), y).backward()
+    torch.testing.assert_close(sg(h, None, context=y)[0], leaf.grad * 5)
+    # without labels (DNI) the head's own prediction stands in for them
+    plain = SoftmaxDNI(6, 4, 6)
+    plain.load_state_dict(sg.state_dict())
+    own = (h @ w.T + b).argmax(-1)
+    torch.testing.assert_close(plain(h)[0], (torch.softmax(h @ w.T + b, -1) - F.one_hot(own, 4)) @ w)
+    maps = SoftmaxDNI(2 * 3 * 3, 4, 2 * 3 * 3, context_size=4)
+    assert maps(torch.randn(5, 2, 3, 3), None, context=y)[0].shape == (5, 2, 3, 3)
+
+
+def test_softmax_sg_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="output_size must be input_size"):
+        SoftmaxDNI(6, 4, 5)
+    with pytest.raises(ValueError, match="context_size must be 0 or hidden_size"):
+        SoftmaxDNI(6, 4, 6, context_size=3)
+    with pytest.raises(ValueError, match="built for 6 features"):
+        SoftmaxDNI(6, 4, 6)(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="got no context"):
+        SoftmaxDNI(6, 4, 6, context_size=4)(torch.randn(2, 6))

@@ -129,7 +129,9 @@ def test_lm_in_process_learns_on_real_text(tmp_path: Path) -> None:
     assert math.isfinite(result["test"]["perplexity"])
 
 
-@pytest.mark.parametrize("task,mode", [("copy", "dni"), ("repeat-copy", "cdni"), ("lm", "cdni"), ("lm", "backprop")])
+@pytest.mark.parametrize("task,mode", [("copy", "dni"), ("repeat-copy", "cdni"), ("lm", "cdni"), ("lm", "backprop"),
+                                       ("copy", "delayed"), ("lm", "delayed"), ("repeat-copy", "local"),
+                                       ("lm", "local")])
 def test_pipeline_runs_the_task(tmp_path: Path, task: str, mode: str) -> None:
     run = tmp_path / "run"
     extra = ["--data-dir", str(KJV), "--vocab-size", "2000", "--bptt", "8", "--batch-size", "64"]

@@ -18,7 +18,7 @@ import torch
 import torch.distributed.rpc as torch_rpc
 from torch.distributed import TCPStore
 
-from dni_async.transport import Message, PeerLost, TransportOptions, make_transport
+from dni_async.transport import Message, PeerLost, TransportOptions, make_transport, rpc_hub
 from dni_async.transport import rpc as rpc_transport
 
 # ------------------------------------------------------------------ pure logic
@@ -68,7 +68,7 @@ def test_normal_traffic_never_reaches_a_python_deserializer(monkeypatch: pytest.
         calls.append(len(binary_data))
         raise RuntimeError("refused")
 
-    monkeypatch.setattr(rpc_transport, "_refuse_pickle", spy)  # installed by connect()
+    monkeypatch.setattr(rpc_hub, "_refuse_pickle", spy)  # installed by connect()
     stages = [make_transport("rpc", s, 3, TransportOptions(queue_size=2)) for s in range(3)]
     endpoints = {s: t.bind() for s, t in enumerate(stages)}
     for transport in stages:

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
 import socket
 import threading
-import time
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import zmq
 
 from .. import protocol
 from ..curve import Gate, HandshakeWatch, load_keys, start_gate
-from .base import (
-    DIRECTION_KINDS,
-    DIRECTIONS,
-    Aborted,
-    Message,
-    PeerLost,
-    RejectLog,
-    SendDeadline,
-    Transport,
-    TransportOptions,
-)
+from .base import DIRECTION_KINDS, DIRECTIONS, Message, PeerLost, RejectLog, SendDeadline, TransportOptions
+from .zmq_receiver import _WAIT_SLICE_S, Inbound, ZmqReceiver
 
 __all__ = ["ZmqTransport", "format_endpoint", "parse_endpoint"]
 
@@ -46,7 +34,7 @@ logger = logging.getLogger("dni_async.transport")
 # close() after it has been joined: both are the full memory barriers zmq asks
 # for when a socket changes threads).
 #
-# The I/O thread polls only the PULL sockets whose queue has room. A full
+# The I/O thread (zmq_receiver.py) polls only the PULL sockets whose queue has room. A full
 # queue therefore leaves its socket unread: zmq's buffers fill up to the
 # high-water marks (RCVHWM here, SNDHWM at the sender, 1 message each, RCVHWM 2
 # with CURVE, plus the kernel's tcp buffers) and the sender's send() blocks, then raises PeerLost after
@@ -68,10 +56,7 @@ logger = logging.getLogger("dni_async.transport")
 # Frames under zmq.COPY_THRESHOLD (64 KiB) are copied by pyzmq anyway.
 
 _SCHEME = "zmq"
-_POLL_MS = 100  # I/O thread's poll tick: only bounds how fast it notices close()
-_WAIT_SLICE_S = 0.1  # recv/send wait in slices this long to notice an abort or a dead I/O thread
 _CLOSE_LINGER_MS = 1000  # how long close() lets sent messages (a final stop or abort) leave, then drops them
-_DRAIN_BATCH = 64  # messages taken from one socket before looking at the other (fairness)
 
 
 def _host_in_url(host: str) -> str:
@@ -97,19 +82,7 @@ def parse_endpoint(endpoint: str) -> dict[str, str]:
     return urls
 
 
-@dataclass(eq=False)
-class _Inbound:
-    """One inbound direction: its PULL socket, its bounded queue and the only stage allowed to send on it."""
-
-    direction: str
-    peer: int
-    socket: zmq.Socket[Any]
-    queue: queue.Queue[Message]
-    paused: bool = False
-    registered: bool = False
-
-
-class ZmqTransport(Transport):
+class ZmqTransport(ZmqReceiver):
     """zmq PUSH/PULL channels to the two neighbours, drained by one I/O thread.
 
     Args:
@@ -132,7 +105,7 @@ class ZmqTransport(Transport):
         self._auth: Any = None  # ThreadAuthenticator (ZAP handler) while CURVE is on; see curve.py
         self.gate: Gate | None = None
         self._ctx: zmq.Context[Any] = zmq.Context()
-        self._inbound: dict[str, _Inbound] = {}
+        self._inbound = {}
         self._outbound: dict[int, zmq.Socket[Any]] = {}
         self._watches: dict[int, HandshakeWatch] = {}  # CURVE: handshake failures per peer, owned like the PUSHes
         self._thread: threading.Thread | None = None
@@ -140,8 +113,8 @@ class ZmqTransport(Transport):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._abort: tuple[int, str] | None = None
-        self._io_error: BaseException | None = None
+        self._abort = None
+        self._io_error = None
         self._closed = False
         self._log_reject = RejectLog(stage)
 
@@ -185,7 +158,7 @@ class ZmqTransport(Transport):
                 self._curve.serve(sock, domain=direction)
             # refuse a frame larger than any valid one before zmq buffers it whole
             sock.setsockopt(zmq.MAXMSGSIZE, self.options.max_message_bytes + protocol.MAX_HEADER_BYTES)
-            self._inbound[direction] = _Inbound(direction, peers[direction], sock, queue.Queue(self.options.queue_size))
+            self._inbound[direction] = Inbound(direction, peers[direction], sock, queue.Queue(self.options.queue_size))
             sock.bind(f"tcp://{bind_host}:*")
             port = sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
             urls[direction] = f"tcp://{_host_in_url(advertise)}:{port}"
@@ -267,130 +240,6 @@ class ZmqTransport(Transport):
             sock.poll(int(min(remaining, _WAIT_SLICE_S) * 1000) + 1, zmq.POLLOUT)
         self.stats.messages_sent += 1
         self.stats.bytes_sent += sum(protocol.frame_nbytes(f) for f in frames)
-
-    def _inbound_for(self, direction: str) -> _Inbound:
-        """The inbound state of one direction, or ValueError."""
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        if direction not in self._inbound:
-            raise RuntimeError(f"stage {self.stage}: recv() before bind()")
-        return self._inbound[direction]
-
-    def _raise_if_failed(self) -> None:
-        """Raise Aborted if an abort arrived, the I/O thread's error if it died, RuntimeError if closed."""
-        if self._abort is not None:
-            raise Aborted(*self._abort)
-        if self._io_error is not None:
-            raise RuntimeError(f"stage {self.stage}: transport I/O thread died: {self._io_error!r}") from self._io_error
-        if self._closed:
-            raise RuntimeError(f"stage {self.stage}: transport is closed")
-
-    def recv(self, direction: str, timeout: float | None = None) -> Message | None:
-        """Next message from one direction; see `Transport.recv`.
-
-        Waits in short slices so that an abort, or the death of the I/O thread,
-        is noticed even by an unbounded wait.
-
-        Raises:
-            Aborted: once an ``abort`` message has arrived (from either neighbour), on every call.
-            RuntimeError: after ``close()``, or if the I/O thread died (chained to its error).
-            ValueError: for an unknown direction.
-        """
-        inbound = self._inbound_for(direction)
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-        while True:
-            self._raise_if_failed()
-            remaining = _WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
-            try:
-                if remaining <= 0:
-                    msg = inbound.queue.get_nowait()
-                else:
-                    msg = inbound.queue.get(timeout=min(remaining, _WAIT_SLICE_S))
-            except queue.Empty:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return None
-                continue
-            if inbound.paused:
-                self._wake()
-            return msg
-
-    def queue_depth(self, direction: str) -> int:
-        """Messages waiting in one direction's queue."""
-        return self._inbound_for(direction).queue.qsize()
-
-    def _wake(self) -> None:
-        """Poke the I/O thread (a byte on the wake pipe); never blocks."""
-        if self._wake_w < 0:
-            return  # closed
-        with contextlib.suppress(OSError):  # a full pipe means a wake-up is pending anyway
-            os.write(self._wake_w, b"\0")
-
-    def _io_main(self) -> None:
-        """I/O thread body: record an unexpected error for recv() to raise."""
-        try:
-            self._io_loop()
-        except BaseException as err:  # handed over to the caller's thread by recv(), never swallowed
-            logger.exception("[Stage %d] transport I/O thread died", self.stage)
-            self._io_error = err
-
-    def _io_loop(self) -> None:
-        """Poll the PULL sockets whose queues have room; drain them into the queues."""
-        poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
-        inbound = list(self._inbound.values())
-        while not self._stop.is_set():
-            for inb in inbound:
-                # paused is set before the queue is re-checked, and recv() frees a slot
-                # before it reads paused: one of the two always sees the other (no lost wake-up).
-                has_room = not inb.queue.full()
-                if not has_room:
-                    inb.paused = True
-                    has_room = not inb.queue.full()
-                inb.paused = not has_room
-                if has_room != inb.registered:
-                    if has_room:
-                        poller.register(inb.socket, zmq.POLLIN)
-                    else:
-                        poller.unregister(inb.socket)
-                    inb.registered = has_room
-            events = dict(poller.poll(_POLL_MS))
-            if self._wake_r in events:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)  # if more is left, the next poll returns at once
-            for inb in inbound:
-                if inb.registered and inb.socket in events:
-                    self._drain(inb)
-
-    def _drain(self, inb: _Inbound) -> None:
-        """Move messages from one socket to its queue while the queue has room."""
-        for _ in range(_DRAIN_BATCH):
-            if inb.queue.full():
-                return
-            try:
-                frames = inb.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._accept(inb, frames)
-
-    def _accept(self, inb: _Inbound, frames: list[Any]) -> None:
-        """Decode and validate one message; queue it, record an abort, or drop it with a logged reason."""
-        try:
-            msg = protocol.decode(frames, self.options.max_message_bytes)
-        except protocol.ProtocolError as err:
-            self.stats.rejected += 1
-            self._log_reject(inb.direction, str(err))
-            return
-        if msg.src != inb.peer or msg.kind not in DIRECTION_KINDS[inb.direction]:
-            self.stats.rejected += 1
-            self._log_reject(inb.direction, f"{msg.kind} from src={msg.src} on the channel of stage {inb.peer}")
-            return
-        self.stats.messages_received += 1
-        self.stats.bytes_received += sum(protocol.frame_nbytes(f) for f in frames)
-        if msg.kind == "abort":
-            if self._abort is None:
-                self._abort = (msg.src, str(msg.meta.get("reason", "no reason given")))
-            return
-        inb.queue.put_nowait(msg)  # only this thread puts, and it checked for room
 
     def close(self) -> None:
         """Stop the I/O thread and close every socket; idempotent.

@@ -1,0 +1,235 @@
+"""One run lifecycle for every runner: check, join, set up the outputs, run, gather the summary, tear down."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import check_compatible, newest_complete
+from .config import PipelineConfig
+from .metrics import JsonLines, steady_samples_per_s, write_json_atomic
+from .partition import check_stage_shapes, partition
+from .runtime import AbortWatchdog, StageEnv, gather_json, init_stage, resolve_device, shutdown
+from .snapshots import Snapshots, accuracy_curve
+from .sources import local_head
+from .task import PipelineTask
+from .transport import PeerLost, Transport
+
+__all__ = ["StageRun", "setup_logging", "stage_run", "validate", "write_summary"]
+
+log = logging.getLogger("dni_async")
+
+
+class _StageFormatter(logging.Formatter):
+    def __init__(self, stage: int | str) -> None:
+        super().__init__(f"%(asctime)s [stage {stage}] %(levelname)s %(message)s", "%H:%M:%S")
+
+
+def setup_logging(stage: int | str) -> None:
+    """stdlib logging with the stage in every line (stderr)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_StageFormatter(stage))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def _check_method(task: PipelineTask, config: PipelineConfig, shapes: list[torch.Size]) -> None:
+    """Refuse a method the task cannot run (before any process starts)."""
+    method = config.method
+    if method.has_sg and config.sg == "softmax" and not task.classification:
+        raise ValueError(f"--sg softmax predicts the gradient of one softmax over classes per example; the "
+                         f"{task.name} task's loss is not that (use another --sg)")
+    if method.source == "local":
+        for shape in shapes[:-1]:
+            local_head(tuple(shape[1:]), tuple(shapes[-1][1:]))
+
+
+def validate(task: PipelineTask, config: PipelineConfig,
+             check_resume: bool = True) -> tuple[list[nn.Sequential], list[torch.Size]]:
+    """Check what can be checked before any process starts; return the stages and their output shapes.
+
+    ``check_resume=False`` leaves out verifying the ``--resume`` set (reading and hashing every file of it):
+    the stage processes do not repeat it, rank 0 verifies the set it picks.
+
+    Raises:
+        ValueError: more stages than blocks, a device that is not there, stage
+            shapes that do not fit together, a method the task cannot run; a checkpoint set that does not fit
+            this config; checkpoints of an earlier run where this one would write its own.
+        FileNotFoundError: ``--resume`` names a folder without a complete checkpoint set.
+    """
+    for i, device in enumerate(config.devices or []):
+        resolve_device(device, i)
+    stages = partition(task.blocks, config.stages)
+    if config.resume and check_resume:
+        _, manifest = newest_complete(config.resume)
+        check_compatible(manifest, config.to_dict())
+    own = Path(config.run_dir) / "checkpoints"
+    continuing = config.resume is not None and Path(config.resume).resolve() == Path(config.run_dir).resolve()
+    if config.checkpoint_every and not continuing and any(own.glob("step-*")):
+        raise ValueError(f"{own} holds checkpoints of an earlier run: continue it with --resume {config.run_dir}, "
+                         f"or choose another --run-dir, or remove them")
+    shapes = check_stage_shapes(stages, torch.zeros(2, *task.input_shape, dtype=task.input_dtype))
+    _check_method(task, config, shapes)
+    return stages, shapes
+
+
+def write_summary(config: PipelineConfig, task: PipelineTask, reports: list[dict[str, Any]], wall: float,
+                  transport: str, **extra: Any) -> dict[str, Any]:
+    """Rank 0: summary.json from every stage's report (stage order); returned too."""
+    summary = {
+        "mode": config.mode, "task": task.name, "stages": config.stages, "transport": transport,
+        "steps": reports[0]["per_stage"]["steps"], "batch_size": config.batch_size, **extra,
+        "wall_s": round(wall, 3), "samples_per_s": reports[-1]["samples_per_s"],
+        "final_eval": reports[-1]["final_eval"], "evals": reports[-1].get("evals", {}),
+        "task_result": reports[0].get("task_result"), "dataset": reports[0]["dataset"],
+        "curve": accuracy_curve(reports, reports[0]["start_time"]),
+        "threads_per_stage": config.threads_per_stage,
+        "per_stage": [r["per_stage"] for r in reports], "config": config.to_dict(),
+    }
+    write_json_atomic(Path(config.run_dir) / "summary.json", summary)
+    log.info("done: %s", {k: summary[k] for k in ("steps", "wall_s", "samples_per_s", "final_eval")})
+    return summary
+
+
+@dataclass
+class StageRun:
+    """This process's stage of a run, as :func:`stage_run` hands it to a runner."""
+
+    task: PipelineTask
+    config: PipelineConfig
+    env: StageEnv
+    stages: list[nn.Sequential]
+    shapes: list[torch.Size]
+    watchdog: AbortWatchdog
+    endpoint: str | None = None
+    """This stage's data-plane endpoint (the stage file records it)."""
+    transport: Transport | None = None
+    """Closed on every path."""
+    metrics: JsonLines | None = None
+    events: JsonLines | None = None
+    start: float = 0.0
+    start_time: float = 0.0
+    cpu_start: float = 0.0
+    wall: float = 0.0
+    """Seconds training took (:meth:`stopped`)."""
+    cpu_s: float = 0.0
+    """CPU seconds this process spent training."""
+    _files: list[JsonLines] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
+
+    def begin(self, endpoint: str | None = None, events: bool = False) -> None:
+        """Clear the previous run's outputs (rank 0), write this stage's file and open metrics.jsonl (and the
+        stage's event log); every stage waits for the others here."""
+        self.endpoint = endpoint
+        if self.env.is_main:
+            _clear_outputs(self.run_dir, resumed=self.config.resume is not None)
+        torch.distributed.barrier()  # nobody appends to the previous run's files
+        self.write_stage_file("running")
+        self.metrics = JsonLines(self.run_dir / "metrics.jsonl")
+        self._files.append(self.metrics)
+        if events:
+            self.events = JsonLines(self.run_dir / "events" / f"stage-{self.env.rank}.jsonl")
+            self._files.append(self.events)
+
+    def started(self) -> None:
+        """Training starts now (after a barrier: every stage is ready)."""
+        torch.distributed.barrier()
+        self.start, self.start_time, self.cpu_start = time.perf_counter(), time.time(), time.process_time()
+
+    def stopped(self) -> None:
+        """Training (and the evaluation after it) is over: stop the clocks."""
+        self.wall = time.perf_counter() - self.start
+        self.cpu_s = time.process_time() - self.cpu_start
+
+    def progress(self, steps: int) -> tqdm:
+        """The progress bar (rank 0 with ``--progress`` only)."""
+        return tqdm(total=steps, disable=not (self.config.progress and self.env.is_main),
+                    desc=f"{self.config.mode} x{self.config.stages}", unit="step")
+
+    def write_stage_file(self, status: str) -> None:
+        config, env = self.config, self.env
+        write_json_atomic(self.run_dir / "stages" / f"stage-{env.rank}.json", {
+            "stage": env.rank, "rank": env.rank, "pid": os.getpid(), "host": env.host, "device": str(env.device),
+            "threads": config.threads_per_stage, "transport": config.transport,
+            "endpoints": {"data": self.endpoint} if self.endpoint else {}, "status": status,
+        })
+
+    def finish(self, per_stage: dict[str, Any], step_times: list[float], snapshots: Snapshots,
+               final_eval: dict[str, Any] | None, curve_evals: dict[int, dict[str, Any]], dataset: str | None,
+               transport: str, evals: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any] | None:
+        """After :meth:`stopped`: gather every stage's report on rank 0, write summary.json, tear down; the
+        summary on rank 0."""
+        config = self.config
+        for f in self._files:
+            f.close()
+        report = {"per_stage": per_stage, "final_eval": final_eval,
+                  "samples_per_s": steady_samples_per_s(step_times, config.batch_size),
+                  "dataset": dataset, "evals": evals or {}, "start_time": self.start_time,
+                  "snapshot_times": snapshots.times(), "curve_evals": {str(k): v for k, v in curve_evals.items()},
+                  "task_result": self.task.result() if self.env.is_main and self.task.result is not None else None}
+        self.write_stage_file("done")
+        reports = gather_json(report)
+        self.watchdog.stop()
+        summary = None
+        if reports is not None:
+            summary = write_summary(config, self.task, reports, self.wall, transport, **extra)
+        if self.transport is not None:
+            self.transport.close()
+        shutdown()
+        return summary
+
+
+def _clear_outputs(run_dir: Path, resumed: bool) -> None:
+    """Remove a previous run's outputs from ``run_dir`` (shared files are appended to); a resumed run appends to
+    metrics.jsonl. Checkpoints are never removed here (see :func:`validate`)."""
+    for name in ("summary.json",) if resumed else ("metrics.jsonl", "summary.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in ("events", "grads", "stages"):
+        if (run_dir / folder).is_dir():
+            shutil.rmtree(run_dir / folder)
+
+
+@contextlib.contextmanager
+def stage_run(task: PipelineTask, config: PipelineConfig) -> Iterator[StageRun]:
+    """What every stage process does around its runner: check the input, join the torchrun world (gloo control
+    plane), log with its stage in every line, set its threads, start the abort watchdog; on any failure, report
+    it to the other stages, mark the stage file ``failed`` and close the transport, then re-raise.
+
+    Raises:
+        ValueError: for bad input, before any training.
+        LaunchError: outside torchrun or with a world size other than ``config.stages``.
+    """
+    stages, shapes = validate(task, config, check_resume=False)
+    env = init_stage(config.stages, config.devices)
+    setup_logging(env.rank)
+    torch.set_num_threads(config.threads_per_stage)
+    run = StageRun(task, config, env, stages, shapes, AbortWatchdog(env, peer_timeout=config.peer_timeout).start())
+    try:
+        yield run
+    except BaseException as err:
+        log.error("failed: %s: %s", type(err).__name__, err)
+        run.watchdog.report(err)
+        if isinstance(err, PeerLost):
+            run.watchdog.kill_if_silent(err.peer)
+        try:
+            run.write_stage_file("failed")
+        finally:
+            for f in run._files:
+                f.close()
+            if run.transport is not None:
+                run.transport.close()
+        raise
