@@ -6,10 +6,10 @@ import argparse
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
-from .methods import METHODS, MODES, PIPELINING_MODES, Method
+from .methods import METHODS, MODES, Method
 from .transport import TRANSPORTS
 
-__all__ = ["MODES", "PIPELINING_MODES", "PIPELINING_TASKS", "SG_KINDS", "TASK_DEFAULTS", "PipelineConfig",
+__all__ = ["MODES", "PIPELINING_TASKS", "SG_KINDS", "TASK_DEFAULTS", "PipelineConfig",
            "add_arguments", "config_from_args"]
 
 PIPELINING_TASKS = ("mnist-fcn", "mnist-cnn")

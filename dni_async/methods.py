@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Method", "METHODS", "MODES", "PIPELINING_MODES", "SOURCES", "method_of"]
+__all__ = ["Method", "METHODS", "MODES", "SOURCES"]
 
 SOURCES = ("locked", "synthetic", "delayed", "local")
 """Where a non-last stage's dL/dh comes from (:mod:`dni_async.sources`)."""
@@ -32,6 +32,10 @@ class Method:
     defaults: dict[str, Any] = field(default_factory=dict)
     """Values of config fields this method sets when they are left None (measured: see the README)."""
 
+    def __post_init__(self) -> None:
+        if self.source not in (*SOURCES, None):
+            raise ValueError(f"unknown gradient source {self.source!r}; choose one of {SOURCES}")
+
     @property
     def has_sg(self) -> bool:
         """Non-last stages own an SG module (``--sg``, ``--sg-lr``, ``--sg-hidden`` apply)."""
@@ -53,16 +57,3 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("1f1b", None, schedule="Schedule1F1B", microbatches_per_stage=True),
 )}
 MODES = tuple(METHODS)
-PIPELINING_MODES = tuple(name for name, m in METHODS.items() if m.pipelining)
-"""Baselines run by ``torch.distributed.pipelining`` itself (ScheduleGPipe, Schedule1F1B)."""
-
-
-def method_of(mode: str) -> Method:
-    """The method of ``--mode``.
-
-    Raises:
-        ValueError: for an unknown mode.
-    """
-    if mode not in METHODS:
-        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
-    return METHODS[mode]
