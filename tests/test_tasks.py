@@ -17,7 +17,9 @@ from dni_async.config import PipelineConfig
 from dni_async.data.make_subset import make_text_subset
 from dni_async.data.text import TEXT_SUBSET_DIR, Corpus
 from dni_async.recurrent import TruncatedLSTM
+from dni_async.stage_cost import stage_step_times
 from dni_async.task import unpack
+from tasks import get_pipeline_task
 from tasks.copy import BITS, Curriculum, bit_errors, bits_summary, copy_loss, sequence_items
 from tasks.copy import pipeline_task as copy_pipeline_task
 from tasks.copy import train as train_copy
@@ -193,3 +195,14 @@ def test_copy_data_resumes_mid_sequence_with_its_curriculum() -> None:
     for (x, y, meta), (x2, y2, meta2) in zip(reference, resumed):
         assert meta == meta2
         torch.testing.assert_close((x, y), (x2, y2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["delayed", "local", "cdni"])
+def test_every_cnn_stage_trains_in_the_new_modes(mnist_dir: Path, mode: str) -> None:
+    """mnist-cnn's feature maps through each stage's real train_step (no processes): the weight stash on
+    convolutions, the local heads on flattened maps, the softmax SG on flattened maps."""
+    config = PipelineConfig(stages=3, task="mnist-cnn", mode=mode, hidden_size=4, batch_size=16,
+                            data_dir=str(mnist_dir))
+    costs = stage_step_times(get_pipeline_task(config), config, repeats=1, warmup=1)
+    assert [c["stage"] for c in costs] == [0, 1, 2] and all(c["step_s"] > 0 for c in costs)
+    assert (costs[0]["sg_s"] > 0) == (mode == "cdni")
