@@ -15,11 +15,12 @@ __all__ = ["MODES", "PIPELINING_TASKS", "SG_KINDS", "TASK_DEFAULTS", "PipelineCo
 PIPELINING_TASKS = ("mnist-fcn", "mnist-cnn")
 """Tasks whose batches are plain (inputs, labels), which is what the pipelining schedules take."""
 SG_KINDS = ("linear", "low-rank", "mlp", "linear-bn", "linear-sigmoid", "softmax")
-_MNIST = {"batch_size": 128, "lr": 3e-4, "sg_lr": 3e-3, "hidden_size": 256, "bptt": None, "sg_scale": 1.0}
-_COPY = {"batch_size": 32, "lr": 1e-3, "sg_lr": 1e-3, "hidden_size": 128, "bptt": 3, "sg_scale": 0.1, "sg": "linear"}
+_MNIST = {"steps": 600, "batch_size": 128, "lr": 3e-4, "sg_lr": 3e-3, "hidden_size": 256, "bptt": None, "sg_scale": 1.0}
+_COPY = {"steps": 10_000, "batch_size": 32, "lr": 1e-3, "sg_lr": 1e-3, "hidden_size": 128, "bptt": 3,
+         "sg_scale": 0.1, "sg": "linear"}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist-fcn": _MNIST, "mnist-cnn": {**_MNIST, "hidden_size": 32}, "copy": _COPY, "repeat-copy": _COPY,
-    "lm": {"batch_size": 32, "lr": 3e-3, "sg_lr": 1e-3, "hidden_size": 256, "bptt": 35, "sg_scale": 1.0,
+    "lm": {"steps": 600, "batch_size": 32, "lr": 3e-3, "sg_lr": 1e-3, "hidden_size": 256, "bptt": 35, "sg_scale": 1.0,
            "sg": "linear"},
 }
 """Per-task values of the fields left None (the values the README's results use); they come before the mode's
@@ -39,9 +40,10 @@ class PipelineConfig:
     task: str = "mnist-fcn"
     """Task to train (see ``tasks``)."""
     steps: int | None = None
-    """Training steps; overrides ``epochs``."""
-    epochs: float = 1.0
-    """Passes over the training set when ``steps`` is not given."""
+    """Training steps; overrides ``epochs``. None: ``epochs`` worth if given, else the task's (``TASK_DEFAULTS``:
+    a fixed length in steps, whatever data set is found)."""
+    epochs: float | None = None
+    """Passes over the training set (of the data set found) when ``steps`` is not given."""
     time_budget: float | None = None
     """Stop training after this many seconds (stage 0's clock), or at ``steps``, whichever comes first."""
     microbatches: int = 4
@@ -114,6 +116,8 @@ class PipelineConfig:
     """Steps between metrics lines."""
     progress: bool = True
     """Progress bar on rank 0."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under ``run_dir/tensorboard`` (needs the ``tensorboard`` package)."""
     slow_stage: dict[int, float] = field(default_factory=dict)
     """Testing hook: extra seconds of sleep per step for some stages."""
     fail_stage: dict[int, float] = field(default_factory=dict)
@@ -127,6 +131,8 @@ class PipelineConfig:
         for defaults in (TASK_DEFAULTS.get(self.task, _MNIST), self.method.defaults, {"sg": "linear",
                                                                                       "max_in_flight": 0}):
             for name, value in defaults.items():
+                if name == "steps" and self.epochs is not None:
+                    continue  # --epochs given: the task counts its steps from the data set it finds
                 if getattr(self, name) is None:
                     setattr(self, name, value)
         if self.stages < 1:
@@ -137,7 +143,7 @@ class PipelineConfig:
             raise ValueError(f"--sg must be one of {SG_KINDS}, got {self.sg!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
-        if self.epochs <= 0:
+        if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be > 0, got {self.epochs}")
         for name in ("batch_size", "sg_hidden", "hidden_size", "num_layers", "queue_size", "stash_size", "log_every",
                      "max_repeats"):
@@ -216,8 +222,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            f"applied when they arrive, with their step's weights), local (a head and the task's loss on every "
            f"stage), backprop (locked), gpipe, 1f1b (torch.distributed.pipelining) (default: {d.mode})")
     a("--task", default=d.task, help=f"task to train (default: {d.task})")
-    a("--steps", type=int, default=None, help="training steps (default: --epochs worth)")
-    a("--epochs", type=float, default=d.epochs, help=f"passes over the training set (default: {d.epochs})")
+    a("--steps", type=int, default=None,
+      help=f"training steps (default: --epochs worth if given, else the task's: {_task_defaults('steps')})")
+    a("--epochs", type=float, default=None,
+      help="passes over the training set found, when --steps is not given (default: none: the task's steps)")
     a("--time-budget", type=float, default=None, metavar="SECONDS",
       help="stop training after this many seconds, or at --steps / --epochs if sooner (default: none)")
     a("--microbatches", type=int, default=d.microbatches,
@@ -284,6 +292,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "`python -m dni_async keys DIR --stages N`); peers with unknown keys are refused (default: off)")
     a("--log-every", type=int, default=d.log_every, help=f"steps between metrics lines (default: {d.log_every})")
     a("--no-progress", action="store_true", help="no progress bar")
+    a("--tensorboard", action="store_true",
+      help="also write TensorBoard event files to RUN_DIR/tensorboard (pip install 'dni_async[tensorboard]')")
     a("--fail-stage", type=_stage_values, default={}, metavar="I:STEP",
       help="testing hook: stage I raises an error at step STEP")
     a("--slow-stage", type=_stage_values, default={}, metavar="I:SECONDS[,...]",

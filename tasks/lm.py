@@ -122,7 +122,7 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
                         "and no $DNI_ASYNC_DATA", dataset, corpus.train.numel())
         items = stream_items(corpus.train, config.batch_size, bptt)
         evals = {s: stream_items(corpus.splits[s], config.batch_size, bptt, {"split": s}) for s in ("valid", "test")}
-        steps = config.steps if config.steps is not None else max(1, int(config.epochs * len(items)))
+        steps = config.steps if config.steps is not None else max(1, int((config.epochs or 1.0) * len(items)))
         return (train_items(items, steps), steps,
                 lambda final: evals["valid"] + evals["test"] if final else evals["valid"], dataset)
 

@@ -108,7 +108,7 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
     def data() -> tuple[Iterator[Batch], int, list[Batch], str]:
         (x_train, y_train), (x_test, y_test), dataset = load_splits(config.data_dir)
         per_epoch = len(x_train) // config.batch_size
-        steps = config.steps if config.steps is not None else max(1, int(config.epochs * per_epoch))
+        steps = config.steps if config.steps is not None else max(1, int((config.epochs or 1.0) * per_epoch))
         evals = [(x_test[i:i + 1000], y_test[i:i + 1000]) for i in range(0, len(x_test), 1000)]
         return _batches(x_train, y_train, config.batch_size, steps, config.seed), steps, evals, dataset
 
