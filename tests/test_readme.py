@@ -22,6 +22,8 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_main_job_is_the_4_stage_pipeline() -> None:
+    """Started by the launcher, which checks the input before it starts the stage processes; no data folder named:
+    a fresh clone has none (the loader finds MNIST, or falls back to the bundled subset)."""
     main = readme_commands()[0]
-    assert "--nproc-per-node 4 launch/pipeline.py --stages 4" in main, main
+    assert main.endswith("python launch/pipeline.py --stages 4"), main
     assert (ROOT / "launch" / "pipeline.py").is_file()
