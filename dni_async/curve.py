@@ -182,8 +182,7 @@ def load_keys(directory: str | Path, stage: int, num_stages: int) -> CurveKeys:
         raise ValueError(f"CURVE key folder {directory}: two stages share a public key")
     mode = stat.S_IMODE(secret_path.stat().st_mode)
     if mode & 0o077:
-        logger.warning("[Stage %d] CURVE secret key %s is readable by others (mode %o); chmod 600 it",
-                       stage, secret_path, mode)
+        logger.warning("CURVE secret key %s is readable by others (mode %o); chmod 600 it", secret_path, mode)
     return CurveKeys(stage=stage, public=public, secret=secret, publics=publics)
 
 
@@ -201,7 +200,7 @@ class Gate:
         self.allowed = {domain: keys.publics[peer] if 0 <= peer < len(keys.publics) else None
                         for domain, peer in senders.items()}
         self.senders = dict(senders)
-        self._log = RejectLog(keys.stage, "refused a CURVE handshake on the %s socket: %s", first=5)
+        self._log = RejectLog("refused a CURVE handshake on the %s socket: %s", first=5)
 
     @property
     def refused(self) -> int:

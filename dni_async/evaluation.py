@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from .metrics import JsonLines
+from .metrics import LineWriter
 from .recurrent import reset_states
 from .snapshots import Snapshots
 from .sources import StageIO
@@ -28,11 +28,11 @@ class StageEval:
     Args:
         io: the stage's shared parts.
         snapshots: the stage's weight snapshots (an eval item's ``snapshot`` meta selects one).
-        metrics: the shared metrics.jsonl writer.
+        metrics: where the stage's metrics lines go (metrics.jsonl, and TensorBoard with ``--tensorboard``).
         before: called before each eval batch (a delayed source applies what is in flight first).
     """
 
-    def __init__(self, io: StageIO, snapshots: Snapshots, metrics: JsonLines, before: Callable[[int], None]) -> None:
+    def __init__(self, io: StageIO, snapshots: Snapshots, metrics: LineWriter, before: Callable[[int], None]) -> None:
         self.io, self.snapshots, self.metrics, self.before = io, snapshots, metrics, before
         self.sums: dict[str, dict[str, float]] = {"eval": {}, "train": {}}
         self.final_eval: dict[str, Any] | None = None

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from .metrics import JsonLines, rss_mb
+from .metrics import LineWriter, rss_mb
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpointer
@@ -108,7 +108,7 @@ class MetricsEvery(StepHook):
     ``stash_mb``; ``local_loss``) and, where gradients come back asynchronously, the largest ``staleness``.
     """
 
-    def __init__(self, io: StageIO, source: GradientSource, metrics: JsonLines) -> None:
+    def __init__(self, io: StageIO, source: GradientSource, metrics: LineWriter) -> None:
         self.io, self.source, self.metrics = io, source, metrics
         self._start = time.perf_counter()
 

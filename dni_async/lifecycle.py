@@ -23,9 +23,10 @@ from .runtime import AbortWatchdog, StageEnv, gather_json, init_stage, resolve_d
 from .snapshots import Snapshots, accuracy_curve
 from .sources import local_head
 from .task import PipelineTask
+from .tensorboard import require_tensorboard
 from .transport import PeerLost, Transport
 
-__all__ = ["StageRun", "setup_logging", "stage_run", "validate", "write_summary"]
+__all__ = ["StageRun", "headline", "prepare", "setup_logging", "stage_run", "validate", "write_summary"]
 
 log = logging.getLogger("dni_async")
 
@@ -55,32 +56,47 @@ def _check_method(task: PipelineTask, config: PipelineConfig, shapes: list[torch
             local_head(tuple(shape[1:]), tuple(shapes[-1][1:]))
 
 
-def validate(task: PipelineTask, config: PipelineConfig,
-             check_resume: bool = True) -> tuple[list[nn.Sequential], list[torch.Size]]:
-    """Check what can be checked before any process starts; return the stages and their output shapes.
+def prepare(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequential], list[torch.Size]]:
+    """The stages and their output shapes (per batch of 2).
 
-    ``check_resume=False`` leaves out verifying the ``--resume`` set (reading and hashing every file of it):
-    the stage processes do not repeat it, rank 0 verifies the set it picks.
+    Raises:
+        ValueError: more stages than blocks, stage shapes that do not fit together.
+    """
+    stages = partition(task.blocks, config.stages)
+    return stages, check_stage_shapes(stages, torch.zeros(2, *task.input_shape, dtype=task.input_dtype))
+
+
+def validate(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequential], list[torch.Size]]:
+    """Check what can be checked before any process starts (once per run: the launcher calls it); return the
+    stages and their output shapes.
+
+    The ``--resume`` set is checked by its manifest and file sizes here; rank 0 reads and hashes the set it
+    resumes from.
 
     Raises:
         ValueError: more stages than blocks, a device that is not there, stage
-            shapes that do not fit together, a method the task cannot run; a checkpoint set that does not fit
-            this config; checkpoints of an earlier run where this one would write its own.
-        FileNotFoundError: ``--resume`` names a folder without a complete checkpoint set.
+            shapes that do not fit together, a method the task cannot run, data the task cannot read; a
+            checkpoint set that does not fit this config; checkpoints of an earlier run where this one would
+            write its own.
+        FileNotFoundError: ``--resume`` names a folder without a complete checkpoint set; the task's data is
+            not where ``--data-dir`` says.
     """
     for i, device in enumerate(config.devices or []):
         resolve_device(device, i)
-    stages = partition(task.blocks, config.stages)
-    if config.resume and check_resume:
-        _, manifest = newest_complete(config.resume)
+    stages, shapes = prepare(task, config)
+    if config.resume:
+        _, manifest = newest_complete(config.resume, hashes=False)
         check_compatible(manifest, config.to_dict())
     own = Path(config.run_dir) / "checkpoints"
     continuing = config.resume is not None and Path(config.resume).resolve() == Path(config.run_dir).resolve()
     if config.checkpoint_every and not continuing and any(own.glob("step-*")):
         raise ValueError(f"{own} holds checkpoints of an earlier run: continue it with --resume {config.run_dir}, "
                          f"or choose another --run-dir, or remove them")
-    shapes = check_stage_shapes(stages, torch.zeros(2, *task.input_shape, dtype=task.input_dtype))
     _check_method(task, config, shapes)
+    if config.tensorboard:
+        require_tensorboard()
+    if task.check_data is not None:
+        task.check_data()
     return stages, shapes
 
 
@@ -98,8 +114,18 @@ def write_summary(config: PipelineConfig, task: PipelineTask, reports: list[dict
         "per_stage": [r["per_stage"] for r in reports], "config": config.to_dict(),
     }
     write_json_atomic(Path(config.run_dir) / "summary.json", summary)
-    log.info("done: %s", {k: summary[k] for k in ("steps", "wall_s", "samples_per_s", "final_eval")})
+    log.info("%s", headline(summary))
     return summary
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """The run in one human line: mode, stages, steps, samples/s, the final evaluation, data set, run folder."""
+    figures = {k: v for k, v in (summary["final_eval"] or {}).items() if isinstance(v, float)}
+    name, value = next(iter(figures.items()), ("evaluation", None))
+    result = f"test {name} {value:.4f}" if value is not None else "no evaluation"
+    rate = f"{summary['samples_per_s']:,.0f} samples/s" if summary["samples_per_s"] else "samples/s n/a"
+    return (f"done: {summary['mode']}, {summary['stages']} stages, {summary['steps']} steps, {rate}, {result} on "
+            f"{summary['dataset']}; outputs in {summary['config']['run_dir']}")
 
 
 @dataclass
@@ -213,7 +239,7 @@ def stage_run(task: PipelineTask, config: PipelineConfig) -> Iterator[StageRun]:
         ValueError: for bad input, before any training.
         LaunchError: outside torchrun or with a world size other than ``config.stages``.
     """
-    stages, shapes = validate(task, config, check_resume=False)
+    stages, shapes = prepare(task, config)
     env = init_stage(config.stages, config.devices)
     setup_logging(env.rank)
     torch.set_num_threads(config.threads_per_stage)

@@ -7,9 +7,10 @@ import os
 import resource
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["StageStats", "JsonLines", "write_json_atomic", "rss_mb", "steady_samples_per_s"]
+__all__ = ["StageStats", "LineWriter", "JsonLines", "Tee", "tee", "write_json_atomic", "rss_mb",
+           "steady_samples_per_s"]
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -32,6 +33,12 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class LineWriter(Protocol):
+    """Takes a stage's metrics lines: :class:`JsonLines` (metrics.jsonl), a TensorBoard board, a :class:`Tee`."""
+
+    def write(self, obj: dict[str, Any]) -> None: ...
+
+
 class JsonLines:
     """Append-only JSON-lines file shared by all stages: one ``os.write`` per line (O_APPEND keeps lines whole)."""
 
@@ -46,6 +53,23 @@ class JsonLines:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class Tee:
+    """Each line to every one of ``writers``, in order."""
+
+    def __init__(self, *writers: LineWriter) -> None:
+        self.writers = writers
+
+    def write(self, obj: dict[str, Any]) -> None:
+        for writer in self.writers:
+            writer.write(obj)
+
+
+def tee(*writers: LineWriter | None) -> LineWriter:
+    """One writer for the ``writers`` that are not None: that one itself where it is alone, else a :class:`Tee`."""
+    present = [w for w in writers if w is not None]
+    return present[0] if len(present) == 1 else Tee(*present)
 
 
 @dataclass

@@ -9,9 +9,10 @@ from typing import Any
 from .checkpoint import Checkpointer, check_compatible, load_stage, newest_complete
 from .config import PipelineConfig
 from .lifecycle import StageRun, stage_run
-from .metrics import steady_samples_per_s
+from .metrics import steady_samples_per_s, tee
 from .stage import StageWorker
 from .task import PipelineTask
+from .tensorboard import stage_board
 from .transport import TransportOptions, make_transport
 
 __all__ = ["PipelineTask", "run_pipeline"]
@@ -55,7 +56,7 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         ValueError: for bad input, before any training.
         LaunchError: outside torchrun or with a world size other than ``config.stages``.
     """
-    with stage_run(task, config) as run:
+    with stage_run(task, config) as run, stage_board(config, run.env.rank) as board:
         env = run.env
         # Stage 0 loads the data first, so that a fallback (e.g. the bundled MNIST subset) is the first line.
         data = task.data() if env.is_main else None
@@ -69,7 +70,7 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
             checkpoints = Checkpointer(run.run_dir, env.rank, config.stages, config.checkpoint_every, env.store,
                                        {"config": config.to_dict(), "blocks_per_stage": [len(s) for s in run.stages]})
         worker = StageWorker(env.rank, config.stages, block, run.transport, config, env.device, task,
-                             [tuple(s[1:]) for s in run.shapes], run.metrics, run.events, checkpoints)
+                             [tuple(s[1:]) for s in run.shapes], tee(run.metrics, board), run.events, checkpoints)
         resume = _resume_state(run)
         if resume is not None:
             worker.restore(resume)

@@ -28,10 +28,12 @@ from torch.distributed.pipelining import PipelineStage
 
 from .config import PipelineConfig
 from .lifecycle import stage_run
+from .metrics import tee
 from .optim import fast_adam
 from .runtime import StageEnv
 from .snapshots import Snapshots
 from .task import Item, PipelineTask, unpack
+from .tensorboard import stage_board
 
 __all__ = ["run_pipelining"]
 
@@ -77,7 +79,7 @@ def _evaluate(block: nn.Module, env: StageEnv, shapes: list[torch.Size], task: P
 def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] | None:
     """:func:`dni_async.pipeline.run_pipeline` for ``--mode gpipe`` / ``1f1b``: this process's stage of
     ``task`` under that schedule; the same checks, errors, outputs and return value."""
-    with stage_run(task, config) as run:
+    with stage_run(task, config) as run, stage_board(config, run.env.rank) as board:
         env, shapes = run.env, run.shapes
         first, last = env.rank == 0, env.rank == config.stages - 1
         data = task.data() if first or last else None
@@ -101,6 +103,7 @@ def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any]
         steps = _broadcast_int(data[1] if first and data is not None else 0)
         run.begin()
         assert run.metrics is not None
+        metrics = tee(run.metrics, board)
         snapshots = Snapshots(block, config.snapshot_every)
         batches = data[0] if data is not None else None
         bar = run.progress(steps)
@@ -127,8 +130,8 @@ def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any]
             step_times.append(time.perf_counter())
             snapshots.maybe_take(t + 1)
             if last and losses and (t + 1) % config.log_every == 0:
-                run.metrics.write({"stage": env.rank, "step": t, "time": time.time(),
-                                   "loss": float(torch.stack(losses).detach().mean())})
+                metrics.write({"stage": env.rank, "step": t, "time": time.time(),
+                               "loss": float(torch.stack(losses).detach().mean())})
             bar.update(1)
         bar.close()
         run.stopped()

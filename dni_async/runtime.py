@@ -150,7 +150,7 @@ class AbortWatchdog:
         try:
             self.env.store.set(ABORT_KEY, info)
         except Exception as err:  # noqa: BLE001 - the store may be gone with the agent
-            log.error("[stage %d] could not report the failure to the other stages: %s", self.env.rank, err)
+            log.error("could not report the failure to the other stages: %s", err)
 
     def stop(self) -> None:
         """This stage is done: stop watching, and tell the others not to miss its heartbeat."""
@@ -208,12 +208,12 @@ class AbortWatchdog:
             where = json.loads(self.env.store.get(f"{PROCESS_KEY}/{rank}").decode())
             if where["host"] == self.env.host:
                 os.kill(int(where["pid"]), signal.SIGKILL)
-                log.error("[stage %d] killed the process of stage %d (pid %d)", self.env.rank, rank, where["pid"])
+                log.error("killed the process of stage %d (pid %d)", rank, where["pid"])
         except Exception as err:  # noqa: BLE001 - best effort: torchrun's agent on its host ends it too
-            log.warning("[stage %d] could not kill stage %d's process: %s", self.env.rank, rank, err)
+            log.warning("could not kill stage %d's process: %s", rank, err)
 
     def _exit(self, info: dict[str, Any]) -> None:
-        log.error("[stage %d] aborting: stage %s failed: %s", self.env.rank, info.get("stage"), info.get("error"))
+        log.error("aborting: stage %s failed: %s", info.get("stage"), info.get("error"))
         if self.on_abort is not None:
             self.on_abort(info)
         logging.shutdown()

@@ -15,7 +15,7 @@ from .checkpoint import Checkpointer
 from .config import PipelineConfig
 from .evaluation import StageEval
 from .hooks import CheckpointEvery, Faults, Hooks, MetricsEvery, SaveGrads
-from .metrics import JsonLines, StageStats
+from .metrics import LineWriter, StageStats
 from .recurrent import carried_states, load_carried_states, reset_states
 from .snapshots import Snapshots
 from .sources import StageIO, build_source
@@ -63,14 +63,14 @@ class StageWorker:
         device: where the block lives.
         task: the task (loss, cDNI context, metrics; ``task.latest`` receives the relayed figures).
         shapes: every stage's output shape, per example (the SG's and the local head's shapes).
-        metrics: the shared metrics.jsonl writer.
+        metrics: where the stage's metrics lines go (metrics.jsonl; with ``--tensorboard``, TensorBoard too).
         events: this stage's event log.
         checkpoints: writes this stage's checkpoint files (``--checkpoint-every``); None: none.
         keep_trace: keep every action in ``trace.actions`` (tests).
     """
 
     def __init__(self, stage: int, num_stages: int, block: nn.Module, transport: Transport, config: PipelineConfig,
-                 device: torch.device, task: PipelineTask, shapes: list[tuple[int, ...]], metrics: JsonLines,
+                 device: torch.device, task: PipelineTask, shapes: list[tuple[int, ...]], metrics: LineWriter,
                  events: EventSink | None, checkpoints: Checkpointer | None = None, keep_trace: bool = False) -> None:
         self.config = config
         self.trace = Trace(stage, events, keep=keep_trace)
@@ -139,7 +139,7 @@ class StageWorker:
             elif msg.kind == "stop":
                 break
             else:
-                raise RuntimeError(f"[stage {self.io.stage}] unexpected {msg.kind!r} message from stage {msg.src}")
+                raise RuntimeError(f"unexpected {msg.kind!r} message from stage {msg.src}")
         self._finish()
 
     # --------------------------------------------------------------- the loop

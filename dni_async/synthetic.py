@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -21,12 +22,25 @@ __all__ = [
 ]
 
 
-def _zero_init(layer: nn.Module) -> None:
-    """Zero a layer's weight and bias so that the SG starts by predicting exactly 0."""
-    for name in ("weight", "bias"):
-        param = getattr(layer, name, None)
-        if param is not None:
-            nn.init.zeros_(param)
+def _zero_output_layer(module: nn.Module) -> None:
+    """Zero the parameters of the last layer (in registration order) that has parameters of its own."""
+    layers = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    if layers:
+        with torch.no_grad():
+            for param in layers[-1].parameters(recurse=False):
+                param.zero_()
+
+
+def _zeroing_init(init: Any) -> Any:
+    """Wrap a ``DNINetwork`` subclass's ``__init__``: once the outermost ``__init__`` is done, zero the output layer
+    (see :attr:`DNINetwork.zero_init_output`)."""
+    @functools.wraps(init)
+    def wrapped(self: DNINetwork, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if type(self).__init__ is wrapped and type(self).zero_init_output:
+            _zero_output_layer(self)
+
+    return wrapped
 
 
 def _check_sizes(input_size: int, hidden_size: int, output_size: int, context_size: int) -> None:
@@ -61,6 +75,17 @@ class DNINetwork(nn.Module):
         **kwargs: kind-specific options; ``context_size`` (default 0) is
             understood by every built-in kind.
     """
+
+    zero_init_output = True
+    """After construction, zero the last layer that has parameters (weights and biases), so that the SG predicts
+    exactly 0 until it has learned something: a randomly initialised output layer injects large, biased synthetic
+    gradients from the first step. This holds for every subclass, a user's included (the base class wraps each
+    subclass's ``__init__``); set it to False in a subclass to keep that subclass's own initialisation."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _zeroing_init(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, **kwargs: Any) -> None:
         super().__init__()
@@ -131,7 +156,6 @@ class LinearDNI(DNINetwork):
             width = hidden_size
         self.hidden = nn.Sequential(*layers)
         self.final = nn.Linear(width, output_size, bias=bias)
-        _zero_init(self.final)
 
     def _block(self, width: int, hidden_size: int, bias: bool) -> list[nn.Module]:
         return [nn.Linear(width, hidden_size, bias=bias), nn.ReLU()]
@@ -245,7 +269,6 @@ class Conv2dDNI(DNINetwork):
             width = hidden_size
         self.hidden = nn.Sequential(*layers)
         self.final = nn.Conv2d(width, output_size, kernel_size, padding=pad)
-        _zero_init(self.final)
 
     def forward(  # type: ignore[override]
         self, input: torch.Tensor, hidden: Any = None, context: torch.Tensor | None = None
@@ -279,7 +302,6 @@ class RNNDNI(DNINetwork):
         self.rnn = self._CELLS[kind](input_size + context_size, hidden_size, num_layers,
                                      batch_first=batch_first)
         self.final = nn.Linear(hidden_size, output_size)
-        _zero_init(self.final)
 
     def forward(  # type: ignore[override]
         self, input: torch.Tensor, hidden: Any = None, context: torch.Tensor | None = None
@@ -327,7 +349,6 @@ class SoftmaxDNI(DNINetwork):
             raise ValueError(f"SoftmaxDNI's context is the one-hot label: context_size must be 0 or hidden_size "
                              f"({hidden_size} classes), got {context_size}")
         self.head = nn.Linear(input_size, hidden_size)
-        _zero_init(self.head)
 
     def forward(  # type: ignore[override]
         self, input: torch.Tensor, hidden: Any = None, context: torch.Tensor | None = None

@@ -76,6 +76,9 @@ class PipelineTask:
     read them (the copy task's curriculum does)."""
     result: Callable[[], dict[str, Any]] | None = None
     """Called on stage 0 after training: task figures for summary.json (``task_result``)."""
+    check_data: Callable[[], None] | None = None
+    """Called once, in the launcher, before any process starts: raise ``FileNotFoundError`` / ``ValueError`` for
+    data that ``data()`` could not read (a ``--data-dir`` without the files). None: nothing to check."""
     data_state: Callable[[], dict[str, Any]] | None = None
     """Stage 0, for checkpoints: where the training items stand (what the next one will be). None: the items
     are a fixed sequence, and a resumed run skips as many as were read."""

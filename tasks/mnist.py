@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dni_async import DNI
 from dni_async.config import PipelineConfig
-from dni_async.data import load_mnist_with_source
+from dni_async.data import check_mnist_dir, load_mnist_with_source
 from dni_async.task import Batch, PipelineTask
 
 __all__ = ["mnist_fcn", "fcn_blocks", "cnn_blocks", "pipeline_task", "evaluate", "train", "main"]
@@ -113,7 +113,7 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
         return _batches(x_train, y_train, config.batch_size, steps, config.seed), steps, evals, dataset
 
     return PipelineTask(name=config.task, blocks=blocks, loss_fn=F.cross_entropy, input_shape=(1, 28, 28),
-                        num_classes=10, data=data)
+                        num_classes=10, data=data, check_data=lambda: check_mnist_dir(config.data_dir))
 
 
 @torch.no_grad()

@@ -18,15 +18,39 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def mnist_dir() -> Path:
-    """The real MNIST files: ``$DNI_ASYNC_DATA`` or ``../shared/data/mnist`` beside the checkout."""
+SUBSET = ROOT / "dni_async" / "data" / "mnist_subset"
+"""The MNIST subset bundled in the package (6,000 train / 1,000 test images of the real files)."""
+
+
+def _real_mnist() -> Path | None:
+    """``$DNI_ASYNC_DATA`` or ``../shared/data/mnist`` beside the checkout, if it holds the MNIST files."""
     candidates = [Path(p) for p in (os.environ.get("DNI_ASYNC_DATA"),) if p]
     candidates.append(ROOT.parent / "shared" / "data" / "mnist")
     for path in candidates:
         if (path / "train-images-idx3-ubyte.gz").is_file() or (path / "train-images-idx3-ubyte").is_file():
             return path
-    pytest.fail(f"MNIST files not found in {[str(c) for c in candidates]}; set DNI_ASYNC_DATA")
+    return None
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST files (``$DNI_ASYNC_DATA``, ``../shared/data/mnist``), else the bundled subset: the tests run
+    in any clone, without network."""
+    return _real_mnist() or SUBSET
+
+
+@pytest.fixture(scope="session")
+def mnist_test_size(mnist_dir: Path) -> int:
+    """Test images in ``mnist_dir``."""
+    return 1000 if mnist_dir == SUBSET else 10000
+
+
+@pytest.fixture
+def full_mnist(mnist_dir: Path) -> Path:
+    """The full MNIST, for the few tests whose claim needs it (skipped, with the reason, on the subset alone)."""
+    if mnist_dir == SUBSET:
+        pytest.skip("needs the full MNIST: set DNI_ASYNC_DATA (only the bundled subset is here)")
+    return mnist_dir
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 120, env: dict[str, str] | None = None,

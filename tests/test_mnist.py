@@ -79,18 +79,18 @@ def test_missing_files_name_what_was_tried(tmp_path: Path, monkeypatch: pytest.M
         load_mnist(tmp_path, "valid")
 
 
-def test_real_files(mnist_dir: Path) -> None:
+def test_real_files(mnist_dir: Path, mnist_test_size: int) -> None:
     x, y = load_mnist(mnist_dir, "test")
-    assert x.shape == (10000, 1, 28, 28) and y.shape == (10000,)
+    assert x.shape == (mnist_test_size, 1, 28, 28) and y.shape == (mnist_test_size,)
     assert sorted(y.unique().tolist()) == list(range(10))
     assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05  # normalised
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dni", "cdni"])
-def test_one_epoch_of_dni_reaches_90_percent(mnist_dir: Path, mode: str) -> None:
+def test_one_epoch_of_dni_reaches_90_percent(full_mnist: Path, mode: str) -> None:
     """3 hidden layers of 256 with BatchNorm, every hidden unit update-unlocked, 1 epoch."""
-    result = train(mode, str(mnist_dir), epochs=1, progress=False)
+    result = train(mode, str(full_mnist), epochs=1, progress=False)
     assert result["accuracy"] >= 0.90, result
 
 

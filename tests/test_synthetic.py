@@ -75,6 +75,8 @@ def test_bad_arguments() -> None:
 
 def test_custom_subclass() -> None:
     class Scaled(DNINetwork):
+        zero_init_output = False  # opted out: its own initialisation stands
+
         def __init__(self, input_size: int, hidden_size: int, output_size: int, **kwargs: object) -> None:
             super().__init__(input_size, hidden_size, output_size)
             self.w = nn.Parameter(torch.full((output_size,), 2.0))
@@ -87,6 +89,29 @@ def test_custom_subclass() -> None:
     out, hidden = sg(h)
     torch.testing.assert_close(out, 2 * h)
     assert hidden is None and sg.input_size == 5 and sg.output_size == 5
+
+
+def test_a_users_subclass_starts_at_zero_and_only_its_output_layer_is_zeroed() -> None:
+    """The seed README's MyCustomDNI shape: hidden layers registered first, the output layer last."""
+    class Mine(DNINetwork):
+        def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
+            super().__init__(input_size, hidden_size, output_size)
+            self.layer0 = nn.Linear(input_size, hidden_size)
+            self.final = nn.Linear(hidden_size, output_size)
+
+        def forward(self, input: torch.Tensor, hidden: object = None) -> tuple[torch.Tensor, object]:
+            return self.final(F.relu(self.layer0(input))), hidden
+
+    class Deeper(LinearDNI):  # a built-in kind with one more layer after its own output layer
+        def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
+            super().__init__(input_size, hidden_size, output_size)
+            self.post = nn.Linear(output_size, output_size)
+
+    mine = Mine(6, 4, 6)
+    assert torch.count_nonzero(mine(torch.randn(3, 6))[0]) == 0
+    assert torch.count_nonzero(mine.layer0.weight) == 24, "hidden layers keep their initialisation"
+    deeper = Deeper(6, 4, 6)
+    assert torch.count_nonzero(deeper.post.weight) == 0 and torch.count_nonzero(deeper.final.weight) == 36
 
 
 @pytest.mark.parametrize("num_layers", [0, 1])

@@ -6,10 +6,11 @@ from .mnist import (
     SOURCE_MNIST,
     SOURCE_SUBSET,
     MnistData,
+    check_mnist_dir,
     load_mnist,
     load_mnist_with_source,
     resolve_data_dir,
 )
 
-__all__ = ["MNIST_FILES", "SOURCE_MNIST", "SOURCE_SUBSET", "MnistData", "MnistDownloadError", "download_files",
-           "load_mnist", "load_mnist_with_source", "mnist_cache_dir", "resolve_data_dir"]
+__all__ = ["MNIST_FILES", "SOURCE_MNIST", "SOURCE_SUBSET", "MnistData", "MnistDownloadError", "check_mnist_dir",
+           "download_files", "load_mnist", "load_mnist_with_source", "mnist_cache_dir", "resolve_data_dir"]

@@ -57,6 +57,30 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
     return Path(chosen).expanduser()
 
 
+def check_mnist_dir(data_dir: str | os.PathLike[str] | None) -> None:
+    """Check, without reading them, that a named folder (``data_dir``, else ``$DNI_ASYNC_DATA``) holds readable
+    train and test files; with no folder named there is nothing to check (the loader searches on).
+
+    Raises:
+        FileNotFoundError: for a folder that is not there, not readable, or without the files.
+    """
+    named = data_dir if data_dir is not None else os.environ.get(DATA_ENV) or None
+    if named is None:
+        return
+    folder = Path(named).expanduser()
+    what = f"--data-dir {folder}" if data_dir is not None else f"${DATA_ENV}={folder}"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what}: no such folder")
+    for split in MNIST_FILES:
+        tried: list[str] = []
+        files = _find_split(folder, split, tried)
+        if files is None:
+            raise FileNotFoundError(f"{what}: no MNIST {split} files; tried {'; '.join(tried)}")
+        unreadable = [str(f) for f in files if not os.access(f, os.R_OK)]
+        if unreadable:
+            raise FileNotFoundError(f"{what}: cannot read {', '.join(unreadable)}")
+
+
 def _find_split(root: Path, split: str, tried: list[str]) -> tuple[Path, Path] | None:
     """The split's image and label files under ``root`` (plainly, ``mnist/`` or ``MNIST/raw``), or None."""
     found = []
@@ -206,8 +230,8 @@ def load_mnist_with_source(data_dir: str | os.PathLike[str] | None = None, split
     if fallback:
         files = _find_split(SUBSET_DIR, split, tried)
         if files is not None:
-            log.warning("using the bundled MNIST subset for %s (dataset %r), not the full MNIST: tried %s",
-                        split, SOURCE_SUBSET, "; ".join(tried))
+            log.info("using the bundled MNIST subset for %s (dataset %r), not the full MNIST: tried %s",
+                     split, SOURCE_SUBSET, "; ".join(tried))
             return _read_split(files, split, SOURCE_SUBSET)
     else:
         tried.append("bundled subset (off)")

@@ -97,7 +97,7 @@ class StageIO:
             RuntimeError: for a message that is not a gradient.
         """
         if msg.kind != "grad":
-            raise RuntimeError(f"[stage {self.stage}] unexpected {msg.kind!r} from stage {msg.src} at step {t}")
+            raise RuntimeError(f"unexpected {msg.kind!r} from stage {msg.src} at step {t}")
         if msg.step > t:
             self.reject(msg, f"a gradient from the future (this stage is at step {t})")
             return False
@@ -124,7 +124,7 @@ class StageIO:
         """
         grad = msg.tensors[0].to(self.device)
         if grad.shape != like.shape:
-            raise RuntimeError(f"[stage {self.stage}] gradient for step {msg.step} from stage {msg.src} has shape "
+            raise RuntimeError(f"gradient for step {msg.step} from stage {msg.src} has shape "
                                f"{tuple(grad.shape)}, the activation has {tuple(like.shape)}")
         return grad
 
@@ -132,7 +132,7 @@ class StageIO:
         """Drop a message whose step cannot be right, log it (the first few) and count it."""
         self.stats.rejected_steps += 1
         if self.stats.rejected_steps <= 10:
-            log.warning("[stage %d] rejected %s for step %d from stage %d: %s", self.stage, msg.kind, msg.step,
+            log.warning("rejected %s for step %d from stage %d: %s", msg.kind, msg.step,
                         msg.src, why)
 
     # ------------------------------------------------------------ updating

@@ -106,16 +106,16 @@ class Aborted(RuntimeError):
 
 
 class RejectLog:
-    """Logs what a stage rejects: the first few in full, then one line per interval with a count.
+    """Logs what a stage rejects: the first few in full, then one line per interval with a count (the stage
+    process's log format names the stage).
 
     Args:
-        stage: the stage, named in every line.
         what: ``%``-format of one rejection, given ``(direction, reason)``.
         first: how many are logged in full.
     """
 
-    def __init__(self, stage: int, what: str = "dropped a malformed %s message: %s", first: int = _LOG_FIRST) -> None:
-        self.stage, self.what, self.first = stage, what, first
+    def __init__(self, what: str = "dropped a malformed %s message: %s", first: int = _LOG_FIRST) -> None:
+        self.what, self.first = what, first
         self.count = 0
         self.suppressed = 0
         self.last = 0.0
@@ -125,7 +125,7 @@ class RejectLog:
         now = time.monotonic()
         if self.count <= self.first or now - self.last >= _LOG_EVERY_S:
             more = f" ({self.suppressed} more rejected since the last report)" if self.suppressed else ""
-            logger.warning(f"[Stage %d] {self.what}%s", self.stage, direction, reason, more)
+            logger.warning(f"{self.what}%s", direction, reason, more)
             self.last, self.suppressed = now, 0
         else:
             self.suppressed += 1
@@ -154,7 +154,7 @@ class SendDeadline:
         left = self.deadline - time.monotonic()
         if left <= 0:
             if self.best_effort:
-                logger.warning("[Stage %d] could not deliver abort to stage %d", self.transport.stage, self.dst)
+                logger.warning("could not deliver abort to stage %d", self.dst)
                 return None
             raise PeerLost(self.dst, f"it took no message for {self.timeout:g} s ({self.msg.kind}, step "
                                      f"{self.msg.step}): its queue stayed full or it is gone")

@@ -51,7 +51,7 @@ class MemoryTransport(Transport):
             self.stats.messages_received += 1
             return box.popleft()
         if timeout is None:
-            raise RuntimeError(f"[stage {self.stage}] recv({direction!r}) would wait forever: nothing is queued")
+            raise RuntimeError(f"recv({direction!r}) would wait forever: nothing is queued")
         return None
 
     def queue_depth(self, direction: str) -> int:

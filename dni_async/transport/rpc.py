@@ -179,7 +179,7 @@ class RpcTransport(RpcReceiver):
                     status = self._call(dst, space if probe else deliver, args, remaining, while_blocked)
                 except RuntimeError as err:
                     if deadline.best_effort:
-                        logger.warning("[Stage %d] could not deliver abort to stage %d: %s", self.stage, dst, err)
+                        logger.warning("could not deliver abort to stage %d: %s", dst, err)
                         return
                     raise PeerLost(dst, f"rpc to it failed ({msg.kind}, step {msg.step}): {err}") from err
                 if status == _REJECTED:

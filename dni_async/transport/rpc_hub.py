@@ -59,7 +59,7 @@ _LOCK = threading.Lock()
 _HUB: _Hub | None = None
 _C10D_STORE = "c10d"  # endpoint `init` value: rendezvous through the default process group's store
 _MASTERS: dict[str, dist.TCPStore] = {}  # init url -> the rendezvous store stage 0's bind() opened
-_REFUSED = RejectLog(-1)
+_REFUSED = RejectLog()
 _LAST_DELIVERY = [0.0]  # when a deliver kernel last returned (monotonic)
 
 

@@ -65,7 +65,7 @@ class RpcReceiver(Transport):
         self._stats_lock = threading.Lock()
         self._abort: tuple[int, str] | None = None
         self._closed = False
-        self._log_reject = RejectLog(stage)
+        self._log_reject = RejectLog()
 
     def _accept(self, direction: int, header: torch.Tensor, frames: List[torch.Tensor], wait: float) -> int:
         """Decode and validate one message (rpc thread); queue it, record an abort, or reject it."""

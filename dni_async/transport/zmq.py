@@ -116,7 +116,7 @@ class ZmqTransport(ZmqReceiver):
         self._abort = None
         self._io_error = None
         self._closed = False
-        self._log_reject = RejectLog(stage)
+        self._log_reject = RejectLog()
 
     def _socket(self, kind: int, url_host: str) -> zmq.Socket[Any]:
         """A socket with this transport's high-water marks."""
@@ -147,7 +147,7 @@ class ZmqTransport(ZmqReceiver):
         advertise = self.options.advertise_host or self.options.bind_host
         if advertise in ("0.0.0.0", "*", "::"):
             advertise = socket.gethostname()
-            logger.info("[Stage %d] wildcard bind; advertising host name %r", self.stage, advertise)
+            logger.info("wildcard bind; advertising host name %r", advertise)
         peers = {"forward": self.stage - 1, "backward": self.stage + 1}
         if self._curve is not None:  # the ZAP handler must be up before a CURVE server binds (curve.py)
             self._auth, self.gate = start_gate(self._ctx, self._curve, peers)
@@ -256,7 +256,7 @@ class ZmqTransport(ZmqReceiver):
         if self._thread is not None:
             self._thread.join(timeout=10.0)
             if self._thread.is_alive():
-                logger.error("[Stage %d] transport I/O thread did not stop", self.stage)
+                logger.error("transport I/O thread did not stop")
                 return  # leave its sockets, pipe and context alone rather than pull them from under it
         for watch in self._watches.values():
             watch.close()

@@ -116,7 +116,7 @@ class ZmqReceiver(Transport):
         try:
             self._io_loop()
         except BaseException as err:  # handed over to the caller's thread by recv(), never swallowed
-            logger.exception("[Stage %d] transport I/O thread died", self.stage)
+            logger.exception("transport I/O thread died")
             self._io_error = err
 
     def _io_loop(self) -> None:
