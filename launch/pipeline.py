@@ -9,6 +9,7 @@ checks the input, inside the run).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from dni_async.config import add_arguments, config_from_args  # noqa: E402
 from dni_async.lifecycle import validate  # noqa: E402
 from dni_async.pipeline import run_pipeline  # noqa: E402
-from dni_async.pipelining import run_pipelining  # noqa: E402
 from dni_async.runtime import LaunchError  # noqa: E402
 from tasks import get_pipeline_task  # noqa: E402
 
@@ -55,12 +55,29 @@ def main(argv: list[str] | None = None) -> int:
         torchrun(["--standalone", "--nproc-per-node", str(config.stages), __file__, *argv])
         return 0
     try:
-        (run_pipelining if config.method.pipelining else run_pipeline)(task, config)
+        if config.method.pipelining:  # imported only here: torch.distributed.pipelining takes ~1.5 s to import
+            from dni_async.pipelining import run_pipelining
+
+            run_pipelining(task, config)
+        else:
+            run_pipeline(task, config)
     except (ValueError, LaunchError) as err:  # bad input or launch, found before training
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
+def _exit_now(code: int) -> NoReturn:
+    """End a stage process without the interpreter's teardown (about a second with torch loaded): the run has
+    closed its files, sockets and process group by now; only the standard streams and logging need flushing."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    if "RANK" in os.environ:
+        _exit_now(code)
+    raise SystemExit(code)

@@ -1,25 +1,20 @@
-"""Shared fixtures: a fixed seed for every test and the real data folder."""
+"""Shared fixtures: a fixed seed for every test and the real data folder (helpers for processes: helpers.py)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, SUBSET
 
-ROOT = Path(__file__).resolve().parents[1]
+from dni_async.data.text import TEXT_SUBSET_DIR
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-SUBSET = ROOT / "dni_async" / "data" / "mnist_subset"
-"""The MNIST subset bundled in the package (6,000 train / 1,000 test images of the real files)."""
 
 
 def _real_mnist() -> Path | None:
@@ -53,24 +48,13 @@ def full_mnist(mnist_dir: Path) -> Path:
     return mnist_dir
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 120, env: dict[str, str] | None = None,
-             script: Path = ROOT / "launch" / "pipeline.py") -> subprocess.CompletedProcess[str]:
-    """Run ``script`` (default launch/pipeline.py) under torchrun with a hard timeout; the whole process group
-    dies on expiry."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(script), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s\nstderr:\n{err[-5000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstderr:\n{result.stderr[-6000:]}"
+@pytest.fixture(scope="session")
+def full_kjv() -> Path:
+    """The whole KJV corpus folder (``$DNI_ASYNC_DATA/kjv`` or ``../shared/data/kjv``); skipped, with the reason,
+    where only the bundled subset (``dni_async.data.text.TEXT_SUBSET_DIR``) is here."""
+    candidates = [Path(p) / "kjv" for p in (os.environ.get("DNI_ASYNC_DATA"),) if p]
+    candidates.append(ROOT.parent / "shared" / "data" / "kjv")
+    for path in candidates:
+        if (path / "train.txt").is_file():
+            return path
+    pytest.skip(f"needs the whole KJV corpus: set DNI_ASYNC_DATA (only the bundled subset {TEXT_SUBSET_DIR} is here)")

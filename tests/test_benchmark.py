@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT, SUBSET, finish, start
 from torch import nn
 
 from dni_async.benchmark import _median_or_none, parse_label, time_to_target
@@ -19,7 +16,9 @@ from dni_async.config import PipelineConfig
 from dni_async.plots import stage_intervals
 from dni_async.snapshots import Snapshots, accuracy_curve
 
-MODES = ["dni", "cdni", "cdni:softmax", "delayed", "local", "backprop", "gpipe", "1f1b", "single"]
+MODES = ["cdni:linear", "delayed", "backprop", "gpipe", "1f1b", "single"]
+"""Every kind of entry: a mode with an SG kind, a mode whose curve ends before its final evaluation, the locked
+baseline, both pipelining schedules, the single process (every mode's stage loop runs in test_pipeline.py)."""
 
 
 def test_time_to_target_is_the_first_point_at_or_above_it() -> None:
@@ -102,21 +101,16 @@ def test_benchmark_entries_name_a_mode_and_optionally_an_sg() -> None:
         parse_label("fast")
 
 
-def test_quick_benchmark_writes_results_and_plots(tmp_path: Path, mnist_dir: Path) -> None:
-    """Every mode once. GPipe and 1F1B compute the same thing in another order, and so do locked backprop and
-    the single process: their accuracies agree."""
+@pytest.mark.process
+def test_quick_benchmark_writes_results_and_plots(tmp_path: Path) -> None:
+    """Each kind of entry once. GPipe and 1F1B compute the same thing in another order, and so do locked backprop
+    and the single process: their accuracies agree."""
     out = tmp_path / "bench"
     cmd = [sys.executable, str(ROOT / "launch" / "benchmark.py"), "--quick", "--stages", "2", "--modes",
            ",".join(MODES), "--out", str(out), "--microbatches", "2", "--batch-size", "64",
-           "--data-dir", str(mnist_dir), "--hidden-size", "64", "--num-layers", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"benchmark --quick did not finish in 420 s:\n{proc.communicate()[0][-4000:]}")
-    assert proc.returncode == 0, output[-6000:]
+           "--data-dir", str(SUBSET), "--hidden-size", "64", "--num-layers", "2"]
+    result = finish(start(cmd), 420)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     results = json.loads((out / "results.json").read_text())
     assert {"torch", "cpu_model", "cpu_count", "threads_per_stage"} <= set(results["env"])
     runs = {r["mode"]: r for r in results["runs"]}

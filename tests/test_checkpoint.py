@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT, ok, torchrun
+from helpers import ROOT, SMALL, SUBSET, ok, read_jsonl, running, stage_pids, stages, torchrun_cmd
 from inprocess import Scripted, batches, worker
 from test_stage import SHAPES3, three_blocks
 
@@ -27,7 +27,6 @@ from dni_async.lifecycle import validate
 from tasks import get_pipeline_task
 from tasks.mnist import evaluate, fcn_blocks, load_splits
 
-SMALL = ["--hidden-size", "64", "--num-layers", "2", "--no-progress", "--log-every", "5"]
 META = {"config": {"task": "t"}, "blocks_per_stage": [1, 1]}
 
 
@@ -150,19 +149,20 @@ def test_resumed_first_stage_continues_the_data_position(tmp_path: Path) -> None
         w.run_first(iter(items), 5, [], None)
 
 
-def run_args(run: Path, mnist_dir: Path, *extra: str) -> list[str]:
-    return ["--stages", "2", "--steps", "30", "--checkpoint-every", "15", "--data-dir", str(mnist_dir),
+def run_args(run: Path, *extra: str) -> list[str]:
+    return ["--stages", "2", "--steps", "30", "--checkpoint-every", "15", "--data-dir", str(SUBSET),
             "--run-dir", str(run), *SMALL, *extra]
 
 
-def test_backprop_resume_is_bitwise_the_uninterrupted_run(tmp_path: Path, mnist_dir: Path) -> None:
+@pytest.mark.process
+def test_backprop_resume_is_bitwise_the_uninterrupted_run(tmp_path: Path) -> None:
     """N steps, a crash, a resume to 2N: the same parameters as 2N steps straight through; export matches both."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    ok(torchrun(2, run_args(straight, mnist_dir, "--mode", "backprop"), 120))
-    crashed = torchrun(2, run_args(broken, mnist_dir, "--mode", "backprop", "--fail-stage", "1:17"), 120)
+    ok(stages(2, run_args(straight, "--mode", "backprop"), 120))
+    crashed = stages(2, run_args(broken, "--mode", "backprop", "--fail-stage", "1:17"), 120)
     assert crashed.returncode != 0 and "injected failure at step 17" in crashed.stderr
     assert newest_complete(broken)[1]["step"] == 15
-    ok(torchrun(2, run_args(broken, mnist_dir, "--mode", "backprop", "--resume", str(broken)), 120))
+    ok(stages(2, run_args(broken, "--mode", "backprop", "--resume", str(broken)), 120))
     summary = json.loads((broken / "summary.json").read_text())
     assert summary["resumed_from"] == {"run_dir": str(broken), "step": 15} and summary["steps"] == 30
     for stage in (0, 1):
@@ -179,7 +179,7 @@ def test_backprop_resume_is_bitwise_the_uninterrupted_run(tmp_path: Path, mnist_
     assert "at step 30" in cli.stdout
     model = torch.nn.Sequential(*fcn_blocks(64, 2))
     model.load_state_dict(torch.load(out, weights_only=True))
-    _, (x_test, y_test), _ = load_splits(str(mnist_dir))
+    _, (x_test, y_test), _ = load_splits(str(SUBSET))
     assert evaluate(model, x_test, y_test) == summary["final_eval"]["accuracy"]
     # torch alone (dni_async unimportable) loads it into a plain model of the same layout
     plain = (
@@ -193,6 +193,7 @@ def test_backprop_resume_is_bitwise_the_uninterrupted_run(tmp_path: Path, mnist_
     assert loaded.returncode == 0 and loaded.stdout.strip() == str(len(model.state_dict())), loaded.stderr
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("task,steps", [("copy", 60), ("lm", 20)])
 def test_recurrent_backprop_resume_is_bitwise(tmp_path: Path, task: str, steps: int) -> None:
     """The LSTM state carried across the crash (and copy's data position and curriculum) is restored exactly."""
@@ -200,10 +201,10 @@ def test_recurrent_backprop_resume_is_bitwise(tmp_path: Path, task: str, steps: 
     args = ["--stages", "2", "--task", task, "--mode", "backprop", "--steps", str(steps), "--checkpoint-every",
             str(half), "--hidden-size", "32", "--bptt", "10", "--no-progress", "--log-every", "5"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    ok(torchrun(2, [*args, "--run-dir", str(straight)], 180))
-    crashed = torchrun(2, [*args, "--run-dir", str(broken), "--fail-stage", f"1:{half + 3}"], 180)
+    ok(stages(2, [*args, "--run-dir", str(straight)], 180))
+    crashed = stages(2, [*args, "--run-dir", str(broken), "--fail-stage", f"1:{half + 3}"], 180)
     assert crashed.returncode != 0
-    ok(torchrun(2, [*args, "--run-dir", str(broken), "--resume", str(broken)], 180))
+    ok(stages(2, [*args, "--run-dir", str(broken), "--resume", str(broken)], 180))
     for stage in (0, 1):
         a = load_stage(newest_complete(straight)[0], stage)
         b = load_stage(newest_complete(broken)[0], stage)
@@ -216,48 +217,41 @@ def test_recurrent_backprop_resume_is_bitwise(tmp_path: Path, task: str, steps: 
     assert summaries[0]["final_eval"] == summaries[1]["final_eval"]
 
 
-@pytest.mark.parametrize("mode", ["dni", "delayed", "local"])
-def test_resume_continues_steps_and_metrics(tmp_path: Path, mnist_dir: Path, mode: str) -> None:
+@pytest.mark.process
+@pytest.mark.parametrize("mode", ["dni", "delayed"])  # local's resume: tests/test_gradient_sources.py
+def test_resume_continues_steps_and_metrics(tmp_path: Path, mode: str) -> None:
     run = tmp_path / "run"
-    crashed = torchrun(2, run_args(run, mnist_dir, "--mode", mode, "--fail-stage", "1:20"), 120)
+    crashed = stages(2, run_args(run, "--mode", mode, "--fail-stage", "1:20"), 120)
     assert crashed.returncode != 0
     set_dir, manifest = newest_complete(run)
     assert manifest["step"] == 15
     # stage 0's source: the SG or the local head with its Adam; delayed keeps nothing (in flight: applied first)
     assert set(load_stage(set_dir, 0)["source"]) == (set() if mode == "delayed" else {"module", "opt"})
-    ok(torchrun(2, run_args(run, mnist_dir, "--mode", mode, "--resume", str(run)), 120))
+    ok(stages(2, run_args(run, "--mode", mode, "--resume", str(run)), 120))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from"]["step"] == 15 and summary["steps"] == 30
     assert [s["steps"] for s in summary["per_stage"]] == [30, 30]
     assert [s["checkpoints_saved"] for s in summary["per_stage"]] == [1, 1]  # step 30 only: 15 was there
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = read_jsonl(run / "metrics.jsonl")
     steps = [line["step"] for line in lines if line["stage"] == 0 and "samples_per_s" in line]
     assert steps[:2] == [4, 9] and steps[-1] == 29 and 14 in steps  # the first run's lines are kept
     assert newest_complete(run)[1]["step"] == 30
 
 
-def test_kill_9_while_checkpointing_every_step_leaves_only_complete_manifests(tmp_path: Path,
-                                                                            mnist_dir: Path) -> None:
+@pytest.mark.process
+def test_kill_9_while_checkpointing_every_step_leaves_only_complete_manifests(tmp_path: Path) -> None:
     """A set is written every step; kill -9 lands at a random point of some write: no set that has a manifest is
     incomplete, and the newest complete set loads on every stage."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "launch" / "pipeline.py"), *run_args(run, mnist_dir, "--checkpoint-every", "1"),
-           "--steps", "100000"]  # the later flags win
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
+    cmd = torchrun_cmd(2, [*run_args(run, "--checkpoint-every", "1"), "--steps", "100000"])  # the later flags win
+    with running(cmd, stdout=subprocess.DEVNULL) as proc:
+        pid = stage_pids(run, 2, proc)[1]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(list((run / "checkpoints").glob("step-*"))) < 2:
             time.sleep(0.1)
         time.sleep(random.uniform(0.5, 1.5))
-        pid = json.loads((run / "stages" / "stage-1.json").read_text())["pid"]
         os.kill(pid, signal.SIGKILL)
         proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
     assert proc.returncode != 0
     sets = sorted((run / "checkpoints").glob("step-*"))
     with_manifest = [d for d in sets if (d / "manifest.json").exists()]

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import helpers
 import pytest
 import torch
 import zmq
-from conftest import ROOT, ok, torchrun
+from helpers import ROOT, SMALL, SUBSET, ok
 
 from dni_async.curve import generate_keys, key_paths, load_keys
 from dni_async.protocol import encode
@@ -352,12 +353,12 @@ def test_the_wire_is_encrypted(keys: Path, curve: bool) -> None:
 # ------------------------------------------------------------- end to end
 
 
-def test_a_training_run_with_curve_keys(tmp_path: Path, mnist_dir: Path) -> None:
+@pytest.mark.process
+def test_a_training_run_with_curve_keys(tmp_path: Path) -> None:
     generate_keys(tmp_path / "keys", 2)
     run = tmp_path / "run"
-    result = torchrun(2, ["--stages", "2", "--mode", "dni", "--steps", "30", "--hidden-size", "64", "--num-layers", "2",
-                          "--no-progress", "--log-every", "10", "--curve-keys", str(tmp_path / "keys"),
-                          "--data-dir", str(mnist_dir), "--run-dir", str(run)], 180)
+    result = helpers.stages(2, ["--stages", "2", "--mode", "dni", "--steps", "30", *SMALL, "--curve-keys",
+                                str(tmp_path / "keys"), "--data-dir", str(SUBSET), "--run-dir", str(run)], 180)
     ok(result)
     err = result.stderr
     summary = json.loads((run / "summary.json").read_text())

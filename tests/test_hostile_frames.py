@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,30 +14,26 @@ import msgpack
 import pytest
 import torch
 import zmq
-from conftest import ROOT
+from helpers import SUBSET, finish, ok, stage_pids, start, torchrun_cmd
 
 from dni_async.protocol import ProtocolError, decode, encode
 from dni_async.transport import Message
 from dni_async.transport.zmq import parse_endpoint
 
-RUN = ["--stages", "2", "--mode", "dni", "--steps", "1500", "--hidden-size", "64", "--num-layers", "2",
+pytestmark = pytest.mark.process
+
+STEPS = 500
+RUN = ["--stages", "2", "--mode", "dni", "--steps", str(STEPS), "--hidden-size", "64", "--num-layers", "2",
        "--no-progress", "--log-every", "50"]
 
 
-def _start(run: Path, mnist_dir: Path) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "launch" / "pipeline.py"), *RUN, "--data-dir", str(mnist_dir), "--run-dir", str(run)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def _start(run: Path) -> subprocess.Popen[str]:
+    """The run under torchrun (whose agent's store is one of the ports attacked)."""
+    return start(torchrun_cmd(2, [*RUN, "--data-dir", str(SUBSET), "--run-dir", str(run)]), stdout=subprocess.DEVNULL)
 
 
 def _finish(proc: subprocess.Popen[str], timeout: float = 240) -> None:
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"the run did not finish in {timeout} s:\n{proc.communicate()[1][-4000:]}")
-    assert proc.returncode == 0, err[-6000:]
+    ok(finish(proc, timeout))
 
 
 def _hostile_frames(rng: random.Random) -> list[list[bytes]]:
@@ -71,27 +65,18 @@ def test_every_hostile_message_is_refused_by_the_decoder_or_the_receiver() -> No
 
 
 @pytest.fixture(scope="module")
-def clean_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> dict:
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The summary of the same run with nobody attacking it."""
     run = tmp_path_factory.mktemp("clean")
-    _finish(_start(run, mnist_dir))
+    _finish(_start(run))
     return json.loads((run / "summary.json").read_text())  # type: ignore[no-any-return]
 
 
-def _wait_for_stages(run: Path, proc: subprocess.Popen[str]) -> list[Path]:
-    stage_files = [run / "stages" / f"stage-{i}.json" for i in range(2)]
-    deadline = time.monotonic() + 120
-    while not all(f.exists() and f.stat().st_size for f in stage_files):
-        assert time.monotonic() < deadline and proc.poll() is None, "the run never started"
-        time.sleep(0.05)
-    return stage_files
-
-
-def test_thousands_of_malformed_frames_do_not_stop_or_spoil_training(tmp_path: Path, mnist_dir: Path,
-                                                                       clean_run: dict) -> None:
+def test_thousands_of_malformed_frames_do_not_stop_or_spoil_training(tmp_path: Path, clean_run: dict) -> None:
     attacked = tmp_path / "attacked"
-    proc = _start(attacked, mnist_dir)
-    stage_files = _wait_for_stages(attacked, proc)
+    proc = _start(attacked)
+    stage_pids(attacked, 2, proc)
+    stage_files = [attacked / "stages" / f"stage-{i}.json" for i in range(2)]
     targets = [parse_endpoint(json.loads(stage_files[0].read_text())["endpoints"]["data"])["backward"],
                parse_endpoint(json.loads(stage_files[1].read_text())["endpoints"]["data"])["forward"]]
     ctx = zmq.Context()
@@ -124,7 +109,7 @@ def test_thousands_of_malformed_frames_do_not_stop_or_spoil_training(tmp_path: P
     assert sent >= 2000, f"only {sent} frames went out while the run trained"
     assert rejected >= 0.9 * sent, (rejected, sent)  # a few may still be queued when the run ends
     assert hit["per_stage"][0]["rejected_steps"] > 0, "the far-future gradients reached stage 0's loop"
-    assert hit["steps"] == base["steps"] == 1500
+    assert hit["steps"] == base["steps"] == STEPS
     assert hit["final_eval"]["accuracy"] >= base["final_eval"]["accuracy"] - 0.02, (hit["final_eval"],
                                                                                     base["final_eval"])
 
@@ -150,18 +135,16 @@ def listening_ports(pids: list[int]) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="finds the listening ports through Linux's /proc")
-def test_raw_bytes_on_every_listening_port_do_not_stop_training(tmp_path: Path, mnist_dir: Path,
-                                                                clean_run: dict) -> None:
+def test_raw_bytes_on_every_listening_port_do_not_stop_training(tmp_path: Path, clean_run: dict) -> None:
     """Random bytes on fresh tcp connections to every port the run listens on: both stages' zmq sockets, gloo's
     listeners and torchrun's store (the agent). The run finishes with its accuracy."""
     attacked = tmp_path / "attacked"
-    proc = _start(attacked, mnist_dir)
-    stage_files = _wait_for_stages(attacked, proc)
-    ports = listening_ports([proc.pid] + [json.loads(f.read_text())["pid"] for f in stage_files])
+    proc = _start(attacked)
+    ports = listening_ports([proc.pid, *stage_pids(attacked, 2, proc)])
     assert len(ports) >= 5, ports  # 2 zmq sockets per stage, and the store
     rng = random.Random(1)
     connections = 0
-    attack_ends = time.monotonic() + 15
+    attack_ends = time.monotonic() + 8
     while proc.poll() is None and time.monotonic() < attack_ends:
         for port in ports:
             try:
@@ -174,6 +157,6 @@ def test_raw_bytes_on_every_listening_port_do_not_stop_training(tmp_path: Path, 
     print(f"{connections} connections with random bytes to ports {ports}")
     hit = json.loads((attacked / "summary.json").read_text())
     assert connections >= 200, f"only {connections} connections were made while the run trained"
-    assert hit["steps"] == clean_run["steps"] == 1500
+    assert hit["steps"] == clean_run["steps"] == STEPS
     assert hit["final_eval"]["accuracy"] >= clean_run["final_eval"]["accuracy"] - 0.02, (hit["final_eval"],
                                                                                           clean_run["final_eval"])

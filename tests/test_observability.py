@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, ok, torchrun
+from helpers import ROOT, SUBSET, ok, stages
 
 from dni_async.__main__ import main
 from dni_async.config import PipelineConfig
@@ -129,15 +129,16 @@ def test_plot_draws_what_the_run_has(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 @pytest.fixture(scope="module")
-def tensorboard_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
+def tensorboard_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-stage dni run of 30 steps with --tensorboard, metrics every 5 steps, evaluations every 10."""
     run_dir = tmp_path_factory.mktemp("observability") / "run"
-    ok(torchrun(2, ["--stages", "2", "--mode", "dni", "--hidden-size", "64", "--num-layers", "2", "--steps", "30",
-                    "--log-every", "5", "--eval-every", "10", "--snapshot-every", "10", "--tensorboard",
-                    "--no-progress", "--data-dir", str(mnist_dir), "--run-dir", str(run_dir)], timeout=90))
+    ok(stages(2, ["--stages", "2", "--mode", "dni", "--hidden-size", "64", "--num-layers", "2", "--steps", "30",
+                  "--log-every", "5", "--eval-every", "10", "--snapshot-every", "10", "--tensorboard",
+                  "--no-progress", "--data-dir", str(SUBSET), "--run-dir", str(run_dir)], timeout=90))
     return run_dir
 
 
+@pytest.mark.process
 def test_tensorboard_shows_what_metrics_jsonl_holds(tensorboard_run: Path) -> None:
     boards = {s: _scalars_read_back(tensorboard_run / "tensorboard" / f"stage-{s}") for s in (0, 1)}
     train_steps = [4, 9, 14, 19, 24, 29]
@@ -156,6 +157,7 @@ def test_tensorboard_shows_what_metrics_jsonl_holds(tensorboard_run: Path) -> No
     assert sum(len(scalars(line)) for line in lines) == sum(len(p) for b in boards.values() for p in b.values())
 
 
+@pytest.mark.process
 def test_plot_command_draws_the_runs_curves_and_timeline(tensorboard_run: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "dni_async", "plot", str(tensorboard_run)], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 README_MAX_LINES = 200

@@ -220,6 +220,7 @@ def test_custom_dni_net_example() -> None:
     assert net.sg_losses().keys() == {"fc1"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
 def test_each_example_learns_mnist(full_mnist: object, example: str) -> None:
     """As printed, with WhateverNetwork a 784-256-10 MLP: one epoch over the first 20,000 training images, batch

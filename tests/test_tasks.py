@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -10,12 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ok, torchrun
-from test_text_copy import KJV, write_corpus
+from helpers import ok, stages
+from test_text_copy import write_corpus
 
 from dni_async.config import PipelineConfig
 from dni_async.data.make_subset import make_text_subset
-from dni_async.data.text import TEXT_SUBSET_DIR, Corpus
+from dni_async.data.text import TEXT_SUBSET_DIR, Corpus, split_file
 from dni_async.recurrent import TruncatedLSTM
 from dni_async.stage_cost import stage_step_times
 from dni_async.task import unpack
@@ -105,9 +106,9 @@ def test_corpus_folder_is_found_or_named(tmp_path: Path, monkeypatch: pytest.Mon
     assert dataset == "kjv-subset" and Corpus(folder).train.numel() > 100_000, "the bundled subset, gzipped"
 
 
-def test_bundled_text_subset_is_the_start_of_the_corpus(tmp_path: Path) -> None:
+def test_bundled_text_subset_is_the_start_of_the_corpus(tmp_path: Path, full_kjv: Path) -> None:
     """``make_text_subset`` on the KJV folder reproduces the bundled files byte for byte."""
-    sizes = make_text_subset(KJV, tmp_path)
+    sizes = make_text_subset(full_kjv, tmp_path)
     for name in sizes:
         assert (tmp_path / name).read_bytes() == (TEXT_SUBSET_DIR / name).read_bytes()
     assert sum(sizes.values()) < 300_000
@@ -121,7 +122,9 @@ def test_copy_in_process_solves_length_one_with_a_temporal_sg() -> None:
 
 
 def test_lm_in_process_learns_on_real_text(tmp_path: Path) -> None:
-    lines = (KJV / "train.txt").read_text().splitlines()
+    path = split_file(TEXT_SUBSET_DIR, "train")  # the first verses of the KJV, bundled
+    assert path is not None
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines()
     folder = write_corpus(tmp_path, "\n".join(lines[:600]) + "\n", "\n".join(lines[600:660]) + "\n",
                           "\n".join(lines[660:720]) + "\n")
     result = train_lm(str(folder), "dni", steps=60, batch_size=8, bptt=10, hidden_size=32, vocab_size=500,
@@ -131,19 +134,19 @@ def test_lm_in_process_learns_on_real_text(tmp_path: Path) -> None:
     assert math.isfinite(result["test"]["perplexity"])
 
 
-@pytest.mark.parametrize("task,mode", [("copy", "dni"), ("repeat-copy", "cdni"), ("lm", "cdni"), ("lm", "backprop"),
-                                       ("copy", "delayed"), ("lm", "delayed"), ("repeat-copy", "local"),
-                                       ("lm", "local")])
+@pytest.mark.process
+@pytest.mark.parametrize("task,mode", [("copy", "dni"), ("repeat-copy", "cdni"), ("lm", "cdni"), ("copy", "delayed"),
+                                       ("lm", "delayed"), ("repeat-copy", "local")])
 def test_pipeline_runs_the_task(tmp_path: Path, task: str, mode: str) -> None:
     run = tmp_path / "run"
-    extra = ["--data-dir", str(KJV), "--vocab-size", "2000", "--bptt", "8", "--batch-size", "64"]
+    extra = ["--data-dir", str(TEXT_SUBSET_DIR), "--vocab-size", "2000", "--bptt", "8", "--batch-size", "64"]
     extra = extra if task == "lm" else []
-    ok(torchrun(2, ["--stages", "2", "--task", task, "--mode", mode, "--steps", "20", "--hidden-size", "32",
-                    "--no-progress", "--run-dir", str(run), *extra], timeout=180))
+    ok(stages(2, ["--stages", "2", "--task", task, "--mode", mode, "--steps", "20", "--hidden-size", "32",
+                  "--no-progress", "--run-dir", str(run), *extra], timeout=180))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task"] == task and summary["steps"] == 20 and summary["mode"] == mode
     if task == "lm":
-        assert set(summary["evals"]) == {"valid", "test"} and summary["dataset"] == "kjv"
+        assert set(summary["evals"]) == {"valid", "test"} and summary["dataset"] == TEXT_SUBSET_DIR.name
         assert 1 < summary["evals"]["test"]["perplexity"] < 2000
     else:
         assert summary["final_eval"]["sequences"] == 4 * 32 and summary["final_eval"]["bits_error"] >= 0
@@ -152,12 +155,13 @@ def test_pipeline_runs_the_task(tmp_path: Path, task: str, mode: str) -> None:
         assert any("eval_bits_error" in m for m in metrics)
 
 
+@pytest.mark.process
 def test_pipeline_curriculum_moves_on_from_the_relayed_error(tmp_path: Path) -> None:
     """Stage 0 runs the curriculum on the training error the last stage relays back through the gradients."""
     run = tmp_path / "run"
-    ok(torchrun(2, ["--stages", "2", "--task", "copy", "--mode", "backprop", "--steps", "400", "--bptt", "4",
-                    "--num-layers", "2", "--hidden-size", "64", "--lr", "1e-2", "--sg-lr", "1e-2", "--no-progress",
-                    "--run-dir", str(run)], timeout=180))
+    ok(stages(2, ["--stages", "2", "--task", "copy", "--mode", "backprop", "--steps", "400", "--bptt", "4",
+                  "--num-layers", "2", "--hidden-size", "64", "--lr", "1e-2", "--sg-lr", "1e-2", "--no-progress",
+                  "--run-dir", str(run)], timeout=180))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task_result"]["longest_solved"] >= 1, summary["task_result"]
     assert summary["final_eval"]["length"] == summary["task_result"]["curriculum_length"]

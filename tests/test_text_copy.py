@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 
 from dni_async.data.copy import copy_batch
 from dni_async.data.text import EOS, UNK, Corpus, Vocabulary, batchify
-
-KJV = ROOT.parent / "shared" / "data" / "kjv"
 
 
 def write_corpus(folder: Path, train: str, valid: str = "a b\n", test: str = "b zz\n") -> Path:
@@ -57,8 +54,8 @@ def test_batchify_columns_are_contiguous() -> None:
         batchify(torch.arange(2), 3)
 
 
-def test_real_kjv_corpus() -> None:
-    corpus = Corpus(KJV)
+def test_real_kjv_corpus(full_kjv: Path) -> None:
+    corpus = Corpus(full_kjv)
     assert len(corpus.vocab) > 20000
     assert corpus.train.numel() == 647820 + 24881  # words + one <eos> per verse
     assert 0 < (corpus.valid == 0).float().mean() < 0.05  # some, not many, <unk> in valid

@@ -20,6 +20,8 @@ from torch.distributed import TCPStore
 from dni_async.protocol import DTYPES
 from dni_async.transport import TRANSPORTS, Aborted, Message, PeerLost, Transport, TransportOptions, make_transport
 
+pytestmark = pytest.mark.process
+
 # [Note: how these tests run]
 # The test process is one stage; the other stages run in "peer" processes
 # started once per module with the spawn context (importing torch costs seconds

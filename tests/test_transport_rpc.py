@@ -21,6 +21,8 @@ from torch.distributed import TCPStore
 from dni_async.transport import Message, PeerLost, TransportOptions, make_transport, rpc_hub
 from dni_async.transport import rpc as rpc_transport
 
+pytestmark = pytest.mark.process
+
 # ------------------------------------------------------------------ pure logic
 
 
