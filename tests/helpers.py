@@ -79,9 +79,8 @@ def stages(nproc: int, args: list[str], timeout: float = 120, script: Path = LAU
     procs = []
     for rank in range(nproc):
         rank_env = {**(os.environ if env is None else env), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                    "WORLD_SIZE": str(nproc),
-               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
+                    "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         procs.append(start([sys.executable, str(script), *args], env=rank_env))
     deadline = time.monotonic() + timeout
     try:
