@@ -191,8 +191,7 @@ class AbortWatchdog:
                 if self._stop.is_set():
                     return
                 self.report(error, stage=rank)
-                self._kill_if_local(rank)
-                self._exit({"stage": rank, "error": error})
+                self._exit({"stage": rank, "error": error}, kill=rank)
 
     def kill_if_silent(self, rank: int) -> None:
         """Kill stage ``rank``'s process if it runs on this host and its heartbeat has stopped (it is stopped or
@@ -212,8 +211,12 @@ class AbortWatchdog:
         except Exception as err:  # noqa: BLE001 - best effort: torchrun's agent on its host ends it too
             log.warning("could not kill stage %d's process: %s", rank, err)
 
-    def _exit(self, info: dict[str, Any]) -> None:
+    def _exit(self, info: dict[str, Any], kill: int | None = None) -> None:
+        """Say why, kill stage ``kill``'s process if given (after saying why: its death makes torchrun end the
+        other stages at once), and end this process."""
         log.error("aborting: stage %s failed: %s", info.get("stage"), info.get("error"))
+        if kill is not None:
+            self._kill_if_local(kill)
         if self.on_abort is not None:
             self.on_abort(info)
         logging.shutdown()
