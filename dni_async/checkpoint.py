@@ -5,8 +5,17 @@ Layout of ``RUN_DIR/checkpoints``::
     step-00000200/stage-0.pt ... stage-<S-1>.pt   one file per stage, each written atomically
     step-00000200/manifest.json                   written last, only once every stage's file is in place
 
-A set is *complete* when its manifest exists and every file it names has the
-size and SHA-256 the manifest records. The manifest is written by whichever
+A set is *complete* when its manifest exists, is consistent and every file
+agrees with it. Consistent: the manifest's ``step`` is the one its folder is
+named for, and ``files`` holds exactly one entry per stage (as many as
+``config["stages"]`` and ``blocks_per_stage``), entry i naming ``stage-i.pt``.
+Agrees: every file has the size and SHA-256 the manifest records and, loaded,
+its own ``format``, ``step`` and ``stage`` are the manifest's, and its block
+count (``blocks``, recorded when saved) is ``blocks_per_stage[i]``, every key of
+its ``block`` state dict (``"<block index>.<rest>"``) naming a block below that
+count. The quick check (``hashes=False``) leaves out hashing and loading the
+files. A set that is not complete is skipped with a warning saying why, and
+the next older set is tried. The manifest is written by whichever
 stage finishes its file last (the stages count finished files in the torchrun
 store), so a kill at any moment leaves either no manifest or a complete set:
 a half-written file is a temporary file never renamed, and a stage that died
@@ -20,6 +29,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -64,7 +74,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_atomic(obj: Any, path: Path) -> tuple[int, str]:
-    """``torch.save`` to a temporary file in the same folder, flush, fsync, rename over ``path``.
+    """``torch.save`` to a temporary file in the same folder, flush, fsync, rename over ``path``; on any failure
+    (a full disk) the temporary file is removed and the error raised.
 
     Returns:
         The file's size and SHA-256 (hashed from the bytes written, not read back).
@@ -74,37 +85,118 @@ def save_atomic(obj: Any, path: Path) -> tuple[int, str]:
     torch.save(obj, buffer)
     data = buffer.getbuffer()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
     return len(data), hashlib.sha256(data).hexdigest()
 
 
-def _verify(set_dir: Path, hashes: bool = True) -> dict[str, Any] | None:
-    """The manifest of a complete set, or None (why is logged at debug level); ``hashes=False`` checks only that
-    every file has the size the manifest records."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _folder_step(set_dir: Path) -> int:
+    """The step a set's folder is named for (``step-%08d``).
+
+    Raises:
+        ValueError: the folder is not named so.
+    """
+    digits = set_dir.name.removeprefix("step-")
+    if not digits.isdecimal() or set_dir.name != _set_dir(set_dir.parent, int(digits)).name:
+        raise ValueError(f"folder name {set_dir.name!r} is not step-<step, 8 digits>")
+    return int(digits)
+
+
+def _check_manifest(manifest: Any, set_dir: Path) -> None:
+    """Raise ValueError unless ``manifest`` is a consistent manifest of ``set_dir`` (see the module docstring)."""
+    if not isinstance(manifest, dict):
+        raise ValueError("manifest is not a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT}")
+    step, files, config, blocks = (manifest.get(k) for k in ("step", "files", "config", "blocks_per_stage"))
+    if not _is_int(step) or step != _folder_step(set_dir):
+        raise ValueError(f"manifest step {step!r} is not the step of its folder {set_dir.name}")
+    if not isinstance(config, dict) or not _is_int(config.get("stages")):
+        raise ValueError("manifest has no config with an integer stages")
+    if not isinstance(blocks, list) or not all(_is_int(count) and count > 0 for count in blocks):
+        raise ValueError(f"manifest blocks_per_stage {blocks!r} is not a list of positive integers")
+    if not isinstance(files, list) or not len(files) == config["stages"] == len(blocks):
+        count = len(files) if isinstance(files, list) else repr(files)
+        raise ValueError(f"manifest lists {count} files and {len(blocks)} blocks_per_stage for "
+                         f"{config['stages']} stages")
+    for i, entry in enumerate(files):
+        if not (isinstance(entry, dict) and entry.get("stage") == i and entry.get("file") == f"stage-{i}.pt"
+                and _is_int(entry.get("bytes")) and isinstance(entry.get("sha256"), str)):
+            raise ValueError(f"manifest files[{i}] is not an entry of stage-{i}.pt: {entry!r}")
+
+
+def _check_file(state: Any, stage: int, step: int, blocks: int | None) -> None:
+    """Raise ValueError unless ``state`` is stage ``stage``'s file of the set at ``step`` holding ``blocks`` blocks
+    (None: the count the file records, if any).
+
+    A file records its block count under ``blocks`` (taken from the live modules when saved) and every key of its
+    ``block`` state dict (``"<block index>.<rest>"``) must have an index below that count. Format 2 files written
+    before ``blocks`` was recorded are checked by that index rule alone, against ``blocks``.
+    """
+    if not isinstance(state, dict) or not isinstance(state.get("block"), dict):
+        raise ValueError("not a stage checkpoint (no block state dict)")
+    found = {key: state.get(key) for key in ("format", "step", "stage")}
+    expected = {"format": FORMAT, "step": step, "stage": stage}
+    if found != expected:
+        raise ValueError(f"holds {found}, expected {expected}")
+    count = state.get("blocks", blocks)
+    if blocks is not None and count != blocks:
+        raise ValueError(f"holds {count!r} blocks, the manifest says {blocks}")
+    if count is None:
+        return
+    if not _is_int(count):
+        raise ValueError(f"holds {count!r} blocks")
+    for key in state["block"]:
+        index = key.partition(".")[0] if isinstance(key, str) else ""
+        if not (index.isdecimal() and int(index) < count):
+            raise ValueError(f"block key {key!r} is not one of its {count} blocks")
+
+
+def _verify(set_dir: Path, hashes: bool = True) -> dict[str, Any]:
+    """The manifest of a complete set (see the module docstring); ``hashes=False`` checks the manifest and that
+    every file has the size it records, without hashing or loading the files.
+
+    Raises:
+        ValueError: why the set is not complete.
+    """
     try:
         manifest = json.loads((set_dir / "manifest.json").read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT}")
-        for entry in manifest["files"]:
+        _check_manifest(manifest, set_dir)
+        for stage, entry in enumerate(manifest["files"]):
             path = set_dir / entry["file"]
-            if path.stat().st_size != entry["bytes"] or hashes and _sha256(path) != entry["sha256"]:
-                raise ValueError(f"{entry['file']} does not match the manifest")
+            if path.stat().st_size != entry["bytes"]:
+                raise ValueError(f"{path.name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
+            if hashes:
+                if _sha256(path) != entry["sha256"]:
+                    raise ValueError(f"{path.name} does not match the manifest's SHA-256")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                try:
+                    _check_file(state, stage, manifest["step"], manifest["blocks_per_stage"][stage])
+                except ValueError as err:
+                    raise ValueError(f"{path.name} {err}") from err
         return manifest  # type: ignore[no-any-return]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log.debug("checkpoint set %s is not complete: %s", set_dir, err)
-        return None
+    except (OSError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{type(err).__name__}: {err}") from err
 
 
 def newest_complete(run_dir: str | Path, hashes: bool = True) -> tuple[Path, dict[str, Any]]:
-    """The newest complete set under ``run_dir/checkpoints``: its folder and manifest.
+    """The newest complete set under ``run_dir/checkpoints``: its folder and manifest. A set that is not complete
+    is skipped with a warning that says why.
 
     ``hashes=False`` leaves out reading and hashing every file (the launcher's quick check; rank 0 verifies
-    the set it resumes from).
+    the set it resumes from, and export the set it exports).
 
     Raises:
         FileNotFoundError: when there is none.
@@ -112,10 +204,10 @@ def newest_complete(run_dir: str | Path, hashes: bool = True) -> tuple[Path, dic
     root = Path(run_dir) / "checkpoints"
     sets = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
     for set_dir in sets:
-        manifest = _verify(set_dir, hashes)
-        if manifest is not None:
-            return set_dir, manifest
-        log.warning("skipping incomplete checkpoint set %s", set_dir)
+        try:
+            return set_dir, _verify(set_dir, hashes)
+        except ValueError as err:
+            log.warning("skipping checkpoint set %s: %s", set_dir, err)
     raise FileNotFoundError(f"no complete checkpoint set in {root} (looked at {len(sets)})")
 
 
@@ -131,11 +223,20 @@ def check_compatible(manifest: dict[str, Any], config: dict[str, Any]) -> None:
         raise ValueError("cannot resume: " + "; ".join(diff))
 
 
-def load_stage(set_dir: Path, stage: int) -> dict[str, Any]:
-    """One stage's state from a set (``weights_only=True``: tensors and plain containers only)."""
-    state = torch.load(set_dir / f"stage-{stage}.pt", map_location="cpu", weights_only=True)
-    if state.get("format") != FORMAT or state.get("stage") != stage:
-        raise ValueError(f"{set_dir / f'stage-{stage}.pt'} is not stage {stage}'s checkpoint of format {FORMAT}")
+def load_stage(set_dir: Path, stage: int, blocks: int | None = None) -> dict[str, Any]:
+    """One stage's state from a set (``weights_only=True``: tensors and plain containers only), checked as the
+    full check of the set checks it: format, stage, the step of the set's folder, ``blocks`` blocks (None: the
+    count the file records) and its block keys (see ``_check_file``).
+
+    Raises:
+        ValueError: the file is not that.
+    """
+    path = set_dir / f"stage-{stage}.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        _check_file(state, stage, _folder_step(set_dir), blocks)
+    except ValueError as err:
+        raise ValueError(f"{path} is not stage {stage}'s checkpoint of format {FORMAT}: {err}") from err
     return state  # type: ignore[no-any-return]
 
 
@@ -166,8 +267,9 @@ class Checkpointer:
         start = time.perf_counter()
         set_dir = _set_dir(self.root, steps_done)
         name = f"stage-{self.stage}.pt"
-        size, digest = save_atomic({"format": FORMAT, "stage": self.stage, "step": steps_done, **state},
-                                   set_dir / name)
+        blocks = self.meta["blocks_per_stage"][self.stage]
+        size, digest = save_atomic({"format": FORMAT, "stage": self.stage, "step": steps_done, "blocks": blocks,
+                                    **state}, set_dir / name)
         entry = {"stage": self.stage, "file": name, "bytes": size, "sha256": digest}
         key = f"{_STORE_KEY}/{steps_done}"
         self.store.set(f"{key}/{self.stage}", json.dumps(entry))
@@ -201,12 +303,15 @@ def export_model(run_dir: str | Path, out: str | Path) -> tuple[int, int]:
 
     Returns:
         The set's step and the number of tensors written.
+
+    Raises:
+        FileNotFoundError: no complete set (sets that are not are skipped, with a warning saying why).
     """
     set_dir, manifest = newest_complete(run_dir)
     state: dict[str, torch.Tensor] = {}
     first = 0
     for stage, count in enumerate(manifest["blocks_per_stage"]):
-        block = load_stage(set_dir, stage)["block"]
+        block = load_stage(set_dir, stage, count)["block"]
         for key, value in block.items():
             index, _, rest = key.partition(".")
             state[f"{first + int(index)}.{rest}"] = value

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -21,13 +23,14 @@ from inprocess import Scripted, batches, worker
 from test_stage import SHAPES3, three_blocks
 
 from dni_async import checkpoint
-from dni_async.checkpoint import Checkpointer, check_compatible, load_stage, newest_complete
+from dni_async.__main__ import main
+from dni_async.checkpoint import Checkpointer, check_compatible, export_model, load_stage, newest_complete
 from dni_async.config import PipelineConfig
 from dni_async.lifecycle import validate
 from tasks import get_pipeline_task
 from tasks.mnist import evaluate, fcn_blocks, load_splits
 
-META = {"config": {"task": "t"}, "blocks_per_stage": [1, 1]}
+META = {"config": {"task": "t", "stages": 2}, "blocks_per_stage": [1, 1]}
 
 
 def write_set(run_dir: Path, step: int, stages: tuple[int, ...], store: Any) -> None:
@@ -56,6 +59,133 @@ def test_a_file_damaged_after_the_manifest_makes_the_set_incomplete(tmp_path: Pa
     data = path.read_bytes()
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
     assert newest_complete(tmp_path)[1]["step"] == 2
+
+
+def set_dir_of(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:08d}"
+
+
+def edit_manifest(set_dir: Path, change: Callable[[dict[str, Any]], Any]) -> None:
+    """Replace the set's manifest by ``change(manifest)`` (a string is written as it is, anything else as JSON)."""
+    path = set_dir / "manifest.json"
+    new = change(json.loads(path.read_text()))
+    path.write_text(new if isinstance(new, str) else json.dumps(new))
+
+
+def replace_file(set_dir: Path, stage: int, state: Any) -> None:
+    """Write ``state`` as the set's stage file and fix its size and SHA-256 in the manifest (a hostile edit)."""
+    size, digest = checkpoint.save_atomic(state, set_dir / f"stage-{stage}.pt")
+
+    def fix(manifest: dict[str, Any]) -> dict[str, Any]:
+        manifest["files"][stage].update(bytes=size, sha256=digest)
+        return manifest
+
+    edit_manifest(set_dir, fix)
+
+
+def flip_last_bit(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
+
+
+def stage_file(set_dir: Path, stage: int, **changes: Any) -> dict[str, Any]:
+    """The stage's file as loaded, with ``changes`` (a value of None removes the key)."""
+    state = {**torch.load(set_dir / f"stage-{stage}.pt", weights_only=True), **changes}
+    return {k: v for k, v in state.items() if v is not None}
+
+
+DAMAGE: dict[str, tuple[Callable[[Path, Path], Any], str]] = {
+    # the issue's cases: (damage the newer set given (newer, older), the reason the warning gives)
+    "a file of another step": (lambda new, old: replace_file(new, 1, stage_file(old, 1)),
+                               r"stage-1\.pt holds \{'format': 2, 'step': 2, 'stage': 1\}, expected .*'step': 4"),
+    "wrong blocks_per_stage": (lambda new, old: edit_manifest(new, lambda m: {**m, "blocks_per_stage": [2, 1]}),
+                               r"stage-0\.pt holds 1 blocks, the manifest says 2"),
+    "fewer files than stages": (lambda new, old: edit_manifest(new, lambda m: {**m, "files": m["files"][:1]}),
+                                r"manifest lists 1 files and 2 blocks_per_stage for 2 stages"),
+    "a failed checksum": (lambda new, old: flip_last_bit(new / "stage-1.pt"),
+                          r"stage-1\.pt does not match the manifest's SHA-256"),
+    # further inconsistencies and malformed manifests
+    "a step that is not the folder's": (lambda new, old: edit_manifest(new, lambda m: {**m, "step": 6}),
+                                        r"manifest step 6 is not the step of its folder step-00000004"),
+    "files swapped": (lambda new, old: edit_manifest(new, lambda m: {**m, "files": m["files"][::-1]}),
+                      r"manifest files\[0\] is not an entry of stage-0\.pt"),
+    "files not a list": (lambda new, old: edit_manifest(new, lambda m: {**m, "files": "stage-0.pt"}),
+                         r"manifest lists 'stage-0\.pt' files"),
+    "an entry without its hash": (lambda new, old: edit_manifest(new, lambda m: {**m, "files": [
+                                      m["files"][0], {k: v for k, v in m["files"][1].items() if k != "sha256"}]}),
+                                  r"manifest files\[1\] is not an entry of stage-1\.pt"),
+    "no config": (lambda new, old: edit_manifest(new, lambda m: {k: v for k, v in m.items() if k != "config"}),
+                  r"manifest has no config with an integer stages"),
+    "no blocks_per_stage": (lambda new, old: edit_manifest(new, lambda m: {**m, "blocks_per_stage": None}),
+                            r"manifest blocks_per_stage None is not a list of positive integers"),
+    "a manifest that is a list": (lambda new, old: edit_manifest(new, lambda m: [m]),
+                                  r"manifest is not a JSON object"),
+    "a manifest that is not JSON": (lambda new, old: edit_manifest(new, lambda m: "{"), r"Expecting"),
+    "a legacy file keyed past its blocks": (
+        lambda new, old: replace_file(new, 0, stage_file(new, 0, blocks=None, block={"1.w": torch.zeros(3)})),
+        r"stage-0\.pt block key '1\.w' is not one of its 1 blocks"),
+    "a file that is not weights only": (lambda new, old: replace_file(new, 0, stage_file(new, 0, path=Path("/etc"))),
+                                        r"UnpicklingError: Weights only load failed"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_an_inconsistent_newer_set_is_skipped_with_its_reason(tmp_path: Path, caplog: Any, damage: str) -> None:
+    """Export and resume (both through newest_complete) fall back to the older set and the warning says why."""
+    store = dist.HashStore()
+    write_set(tmp_path, 2, (0, 1), store)
+    write_set(tmp_path, 4, (0, 1), store)
+    older, newer = set_dir_of(tmp_path, 2), set_dir_of(tmp_path, 4)
+    change, reason = DAMAGE[damage]
+    change(newer, older)
+    caplog.set_level(logging.WARNING, logger="dni_async")
+    assert newest_complete(tmp_path) == (older, json.loads((older / "manifest.json").read_text()))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"skipping checkpoint set {newer}: "), warnings
+    assert re.search(reason, warnings[0]), warnings[0]
+    assert export_model(tmp_path, tmp_path / "model.pt") == (2, 2)
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert {k: v.tolist() for k, v in exported.items()} == {"0.w": [2.0] * 3, "1.w": [2.0] * 3}
+
+
+def test_the_quick_check_checks_the_manifest_too(tmp_path: Path) -> None:
+    store = dist.HashStore()
+    write_set(tmp_path, 2, (0, 1), store)
+    write_set(tmp_path, 4, (0, 1), store)
+    edit_manifest(set_dir_of(tmp_path, 4), lambda m: {**m, "files": m["files"][:1]})
+    assert newest_complete(tmp_path, hashes=False)[1]["step"] == 2
+
+
+def test_a_legacy_format_2_set_without_block_counts_still_exports(tmp_path: Path) -> None:
+    """Files written before ``blocks`` was recorded are checked by their block keys alone."""
+    write_set(tmp_path, 2, (0, 1), dist.HashStore())
+    set_dir = set_dir_of(tmp_path, 2)
+    for stage in (0, 1):
+        replace_file(set_dir, stage, stage_file(set_dir, stage, blocks=None))
+    assert "blocks" not in load_stage(set_dir, 0)
+    assert export_model(tmp_path, tmp_path / "model.pt") == (2, 2)
+
+
+def test_load_stage_refuses_a_file_of_another_step_or_block_count(tmp_path: Path) -> None:
+    store = dist.HashStore()
+    write_set(tmp_path, 2, (0, 1), store)
+    write_set(tmp_path, 4, (0, 1), store)
+    newer = set_dir_of(tmp_path, 4)
+    assert load_stage(newer, 1, blocks=1)["blocks"] == 1
+    with pytest.raises(ValueError, match="holds 1 blocks, the manifest says 2"):
+        load_stage(newer, 1, blocks=2)
+    (newer / "stage-1.pt").write_bytes((set_dir_of(tmp_path, 2) / "stage-1.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"not stage 1's checkpoint of format 2: holds .*'step': 2"):
+        load_stage(newer, 1)
+
+
+def test_export_cli_says_in_one_line_when_no_set_is_complete(tmp_path: Path, capsys: Any) -> None:
+    write_set(tmp_path, 2, (0, 1), dist.HashStore())
+    edit_manifest(set_dir_of(tmp_path, 2), lambda m: {**m, "files": m["files"][:1]})
+    assert main(["export", str(tmp_path), str(tmp_path / "model.pt")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: no complete checkpoint set in {tmp_path / 'checkpoints'} (looked at 1)\n"
+    assert not (tmp_path / "model.pt").exists()
 
 
 def test_a_crash_during_a_write_leaves_no_file_and_no_manifest(tmp_path: Path, monkeypatch: Any) -> None:
@@ -255,6 +385,8 @@ def test_kill_9_while_checkpointing_every_step_leaves_only_complete_manifests(tm
     assert proc.returncode != 0
     sets = sorted((run / "checkpoints").glob("step-*"))
     with_manifest = [d for d in sets if (d / "manifest.json").exists()]
-    assert with_manifest and all(checkpoint._verify(d) is not None for d in with_manifest)
+    assert with_manifest
+    for set_dir in with_manifest:
+        checkpoint._verify(set_dir)  # raises, saying why, if the set is not complete
     set_dir, manifest = newest_complete(run)
     assert [load_stage(set_dir, s)["step"] for s in (0, 1)] == [manifest["step"]] * 2
