@@ -124,6 +124,21 @@ class AbortWatchdog:
     naming it, kills its process if it runs on this host, and exits. The beat
     comes from this thread, not the stage loop, so long legitimate waits (a
     neighbour's evaluation, backpressure) never look like a hang. A stage that has finished marks itself done first.
+
+    A watchdog that was held up itself blames no one. When more than ``pause_s``
+    (``peer_timeout / 2``) passed from the end of its previous round to the end
+    of this one (this round's store calls included), this process was stopped
+    (Ctrl-Z stops the whole process group) or the store was (the launcher that
+    hosts it was stopped), and the other stages were most likely held up by the
+    same cause: it restarts every peer's silence clock from the end of this
+    round and logs the pause once. ``peer_timeout / 2`` lies between the two
+    bounds that ``peer_timeout >= 1`` (the config's minimum) gives: it is above
+    a normal time between rounds, at most ``beat_s + interval`` (<=
+    ``peer_timeout / 4 + 0.2``), so a busy machine does not excuse a silent
+    peer; and a pause it lets through, plus a resumed peer's time to its next
+    beat, stays below ``peer_timeout``, so no healthy peer is blamed for it. A
+    stopped peer is still named within about ``peer_timeout``: the watchdogs
+    of the stages that run keep their rounds meanwhile.
     """
 
     def __init__(self, env: StageEnv, on_abort: Any = None, interval: float = 0.2, peer_timeout: float = 60.0,
@@ -135,8 +150,10 @@ class AbortWatchdog:
         self.beat_s = min(beat_s, peer_timeout / 4)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="abort-watchdog", daemon=True)
+        self.pause_s = peer_timeout / 2
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (last counter value, when it last moved)
         self._next_beat = 0.0
+        self._last_round: float | None = None  # when the previous round's store calls ended
 
     def start(self) -> AbortWatchdog:
         self.env.store.set(f"{PROCESS_KEY}/{self.env.rank}", json.dumps({"host": self.env.host, "pid": os.getpid()}))
@@ -172,16 +189,24 @@ class AbortWatchdog:
             self._exit(info)
 
     def _beat(self) -> None:
-        """Beat once a ``beat_s``; report a stage whose counter has not moved for ``peer_timeout``."""
+        """Beat once a ``beat_s``; report a stage whose counter has not moved for ``peer_timeout``, unless more
+        than ``pause_s`` passed since the previous round ended (then restart every peer's clock instead)."""
         now = time.monotonic()
         if now < self._next_beat:
             return
         self._next_beat = now + self.beat_s
         self.env.store.add(f"{HEARTBEAT_KEY}/{self.env.rank}", 1)
-        for rank in range(self.env.world_size):
-            if rank == self.env.rank:
-                continue
-            count = self.env.store.add(f"{HEARTBEAT_KEY}/{rank}", 0)
+        counts = {rank: self.env.store.add(f"{HEARTBEAT_KEY}/{rank}", 0)
+                  for rank in range(self.env.world_size) if rank != self.env.rank}
+        ended = time.monotonic()
+        took = ended - (now if self._last_round is None else self._last_round)
+        self._last_round = ended
+        if took > self.pause_s:
+            log.warning("heartbeat paused for %.1f s (this process or the store was stopped); not blaming peers",
+                        took)
+            self._seen = {rank: (count, ended) for rank, count in counts.items()}
+            return
+        for rank, count in counts.items():
             last = self._seen.get(rank)
             if last is None or count != last[0]:
                 self._seen[rank] = (count, now)
