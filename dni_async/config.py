@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 from .methods import METHODS, MODES, Method
 from .transport import TRANSPORTS
 
-__all__ = ["MODES", "PIPELINING_TASKS", "SG_KINDS", "TASK_DEFAULTS", "PipelineConfig",
+__all__ = ["MIN_PEER_TIMEOUT", "MODES", "PIPELINING_TASKS", "SG_KINDS", "TASK_DEFAULTS", "PipelineConfig",
            "add_arguments", "config_from_args"]
 
 PIPELINING_TASKS = ("mnist-fcn", "mnist-cnn")
 """Tasks whose batches are plain (inputs, labels), which is what the pipelining schedules take."""
+MIN_PEER_TIMEOUT = 1.0
+"""Seconds: the watchdog beats once a second (more often for a shorter timeout, down to this)."""
 SG_KINDS = ("linear", "low-rank", "mlp", "linear-bn", "linear-sigmoid", "softmax")
 _MNIST = {"steps": 600, "batch_size": 128, "lr": 3e-4, "sg_lr": 3e-3, "hidden_size": 256, "bptt": None, "sg_scale": 1.0}
 _COPY = {"steps": 10_000, "batch_size": 32, "lr": 1e-3, "sg_lr": 1e-3, "hidden_size": 128, "bptt": 3,
@@ -135,6 +138,10 @@ class PipelineConfig:
                     continue  # --epochs given: the task counts its steps from the data set it finds
                 if getattr(self, name) is None:
                     setattr(self, name, value)
+        for name in ("epochs", "time_budget", "lr", "sg_lr", "sg_scale", "peer_timeout"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         if self.stages < 1:
             raise ValueError(f"--stages must be >= 1, got {self.stages}")
         if self.transport not in TRANSPORTS:
@@ -177,8 +184,9 @@ class PipelineConfig:
             raise ValueError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
-        if self.peer_timeout <= 0:
-            raise ValueError(f"--peer-timeout must be > 0, got {self.peer_timeout}")
+        if self.peer_timeout < MIN_PEER_TIMEOUT:
+            raise ValueError(f"--peer-timeout must be >= {MIN_PEER_TIMEOUT:g} s (one heartbeat: a shorter one would "
+                             f"blame healthy stages), got {self.peer_timeout:g}")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if (self.checkpoint_every or self.resume) and self.method.pipelining:
@@ -263,7 +271,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"CPU threads per stage process (default: {d.threads_per_stage})")
     a("--transport", choices=sorted(TRANSPORTS), default=d.transport,
       help=f"data-plane transport (default: {d.transport})")
-    a("--run-dir", default=d.run_dir, help=f"output folder (default: {d.run_dir})")
+    a("--run-dir", default=d.run_dir,
+      help=f"output folder, one run at a time (a second run into it is refused) (default: {d.run_dir})")
     a("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps; 0 = at the end (default: 0)")
     a("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     a("--data-dir", default=None,
@@ -281,7 +290,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"activations kept awaiting their gradient (default: {d.stash_size})")
     a("--peer-timeout", type=float, default=d.peer_timeout,
       help=f"seconds a stage may go without a heartbeat (stopped, hung) or leave a send blocked before the "
-           f"run aborts (default: {d.peer_timeout})")
+           f"run aborts, >= {MIN_PEER_TIMEOUT:g} (default: {d.peer_timeout})")
     a("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
       help="write a checkpoint set to RUN_DIR/checkpoints every N steps; 0 = none (default: 0)")
     a("--resume", default=None, metavar="RUN_DIR",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
+from .divergence import check_finite
 from .metrics import LineWriter, rss_mb
 
 if TYPE_CHECKING:
@@ -101,7 +102,8 @@ class CheckpointEvery(StepHook):
 
 
 class MetricsEvery(StepHook):
-    """Every ``--log-every`` steps: one metrics.jsonl line for this stage, and its buffered events written.
+    """Every ``--log-every`` steps: one metrics.jsonl line for this stage, and its buffered events written; then
+    the divergence check (:func:`~dni_async.divergence.check_finite`: the line's figures and the block's weights).
 
     The line: ``stage``, ``step``, ``time``, ``samples_per_s`` (since the last line), ``queue_depth``,
     ``rss_mb``, the source's figures (``loss``; ``sg_loss``, ``sg_cosine``, ``stash``; ``in_flight``,
@@ -129,3 +131,4 @@ class MetricsEvery(StepHook):
         self.io.staleness.clear()
         self._start = now
         self.io.trace.flush()
+        check_finite(t, self.io.stage, line, self.io.block)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
-import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +19,25 @@ from tqdm import tqdm
 
 from .checkpoint import check_compatible, newest_complete
 from .config import PipelineConfig
-from .metrics import JsonLines, steady_samples_per_s, write_json_atomic
+from .divergence import Diverged
+from .metrics import JsonLines, dumps, steady_samples_per_s, write_json_atomic
 from .partition import check_stage_shapes, partition
-from .runtime import AbortWatchdog, StageEnv, gather_json, init_stage, resolve_device, shutdown
+from .rundir import clear_outputs, remove_own_tmp
+from .runtime import ABORT_KEY, AbortWatchdog, StageEnv, gather_json, init_stage, resolve_device, shutdown
 from .snapshots import Snapshots, accuracy_curve
 from .sources import local_head
 from .task import PipelineTask
 from .tensorboard import require_tensorboard
 from .transport import PeerLost, Transport
 
-__all__ = ["StageRun", "headline", "prepare", "setup_logging", "stage_run", "validate", "write_summary"]
+__all__ = ["STOP_SIGNALS", "StageRun", "headline", "prepare", "setup_logging", "stage_run", "validate",
+           "write_summary"]
 
 log = logging.getLogger("dni_async")
+ENDED_KEY = "dni_async/ended"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+"""Signals that stop a stage cleanly: its file says ``stopped`` (or ``failed``, naming the stage that failed first,
+when torchrun is ending the run because of it), rank 0 writes summary.json, the process exits 128 + signal."""
 
 
 class _StageFormatter(logging.Formatter):
@@ -76,8 +85,8 @@ def validate(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequen
     Raises:
         ValueError: more stages than blocks, a device that is not there, stage
             shapes that do not fit together, a method the task cannot run, data the task cannot read; a
-            checkpoint set that does not fit this config; checkpoints of an earlier run where this one would
-            write its own.
+            checkpoint set that does not fit this config or is at or past ``--steps``; checkpoints of an earlier
+            run in ``--run-dir`` (unless this run continues them).
         FileNotFoundError: ``--resume`` names a folder without a complete checkpoint set; the task's data is
             not where ``--data-dir`` says.
     """
@@ -87,11 +96,13 @@ def validate(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequen
     if config.resume:
         _, manifest = newest_complete(config.resume, hashes=False)
         check_compatible(manifest, config.to_dict())
+        check_resume_step(manifest["step"], config.steps)
     own = Path(config.run_dir) / "checkpoints"
     continuing = config.resume is not None and Path(config.resume).resolve() == Path(config.run_dir).resolve()
-    if config.checkpoint_every and not continuing and any(own.glob("step-*")):
-        raise ValueError(f"{own} holds checkpoints of an earlier run: continue it with --resume {config.run_dir}, "
-                         f"or choose another --run-dir, or remove them")
+    if not continuing and own.is_dir() and any(own.glob("step-*")):
+        raise ValueError(f"{own} holds checkpoints of an earlier run (export would mix them with this run's "
+                         f"outputs): continue it with --resume {config.run_dir}, or choose another --run-dir, or "
+                         f"remove them")
     _check_method(task, config, shapes)
     if config.tensorboard:
         require_tensorboard()
@@ -100,11 +111,21 @@ def validate(task: PipelineTask, config: PipelineConfig) -> tuple[list[nn.Sequen
     return stages, shapes
 
 
+def check_resume_step(step: int, steps: int | None) -> None:
+    """Refuse to resume a set at ``step`` when the run would end there or before (``steps`` None: not known yet).
+
+    Raises:
+        ValueError: naming both.
+    """
+    if steps is not None and step >= steps:
+        raise ValueError(f"the checkpoint to resume is at step {step}: --steps must be above it, got {steps}")
+
+
 def write_summary(config: PipelineConfig, task: PipelineTask, reports: list[dict[str, Any]], wall: float,
                   transport: str, **extra: Any) -> dict[str, Any]:
     """Rank 0: summary.json from every stage's report (stage order); returned too."""
     summary = {
-        "mode": config.mode, "task": task.name, "stages": config.stages, "transport": transport,
+        "status": "done", "mode": config.mode, "task": task.name, "stages": config.stages, "transport": transport,
         "steps": reports[0]["per_stage"]["steps"], "batch_size": config.batch_size, **extra,
         "wall_s": round(wall, 3), "samples_per_s": reports[-1]["samples_per_s"],
         "final_eval": reports[-1]["final_eval"], "evals": reports[-1].get("evals", {}),
@@ -151,7 +172,11 @@ class StageRun:
     """Seconds training took (:meth:`stopped`)."""
     cpu_s: float = 0.0
     """CPU seconds this process spent training."""
+    begun: bool = False
+    """The outputs are this run's (:meth:`begin`): before, an ending leaves the run folder as it was."""
     _files: list[JsonLines] = field(default_factory=list)
+    _ended: bool = False
+    _end_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def run_dir(self) -> Path:
@@ -162,8 +187,9 @@ class StageRun:
         stage's event log); every stage waits for the others here."""
         self.endpoint = endpoint
         if self.env.is_main:
-            _clear_outputs(self.run_dir, resumed=self.config.resume is not None)
+            clear_outputs(self.run_dir, resumed=self.config.resume is not None)
         torch.distributed.barrier()  # nobody appends to the previous run's files
+        self.begun = True
         self.write_stage_file("running")
         self.metrics = JsonLines(self.run_dir / "metrics.jsonl")
         self._files.append(self.metrics)
@@ -186,13 +212,68 @@ class StageRun:
         return tqdm(total=steps, disable=not (self.config.progress and self.env.is_main),
                     desc=f"{self.config.mode} x{self.config.stages}", unit="step")
 
-    def write_stage_file(self, status: str) -> None:
+    def write_stage_file(self, status: str, reason: str | None = None) -> None:
+        """``stages/stage-<rank>.json`` with ``status`` (``running``, ``done``, ``failed``, ``stopped``) and the
+        reason of an ending. Where the disk is full, an ending overwrites the file in place (padded to its size:
+        no new block is needed) rather than leave it saying ``running``."""
         config, env = self.config, self.env
-        write_json_atomic(self.run_dir / "stages" / f"stage-{env.rank}.json", {
+        path = self.run_dir / "stages" / f"stage-{env.rank}.json"
+        content = {
             "stage": env.rank, "rank": env.rank, "pid": os.getpid(), "host": env.host, "device": str(env.device),
             "threads": config.threads_per_stage, "transport": config.transport,
             "endpoints": {"data": self.endpoint} if self.endpoint else {}, "status": status,
-        })
+            **({"reason": reason} if reason else {}),
+        }
+        try:
+            write_json_atomic(path, content)
+        except OSError:
+            if status == "running" or not path.exists():
+                raise
+            text = dumps({**content, "reason": (reason or "")[:200]}).encode()
+            with open(path, "r+b") as f:
+                f.write(text.ljust(os.fstat(f.fileno()).st_size))
+
+    def end(self, reason: str) -> None:
+        """The run ends here without finishing (an error, an abort, a signal): this stage's file says ``stopped``
+        (the run was stopped by a signal) or ``failed``, and why; rank 0 writes summary.json with the run's status
+        (``failed``, ``stopped``, ``diverged``: :func:`run_status`) and the reason; no temporary file of this
+        process is left. Once per run, whichever path gets here first; never raises. Before :meth:`begin` the
+        folder is the previous run's, and nothing is written."""
+        with self._end_lock:
+            if self._ended or not self.begun:
+                return
+            self._ended = True
+        status = run_status(reason)
+        with contextlib.suppress(Exception):
+            self.write_stage_file("stopped" if status == "stopped" else "failed", reason)
+        if self.env.is_main:
+            with contextlib.suppress(Exception):
+                write_json_atomic(self.run_dir / "summary.json", {
+                    "status": status, "reason": reason, "mode": self.config.mode, "task": self.task.name,
+                    "stages": self.config.stages, "config": self.config.to_dict()})
+        with contextlib.suppress(Exception):
+            remove_own_tmp(self.run_dir)
+        self._wait_for_the_others()
+
+    def _wait_for_the_others(self, timeout_s: float = 2.0) -> None:
+        """Count this stage's ending in the store; rank 0 waits (at most ``timeout_s``) for every stage's: where
+        it hosts the store (stages started without torchrun's agent), ending first would take the store, and
+        with it the reason, from the stages that have not read it yet."""
+        with contextlib.suppress(Exception):
+            ended = self.env.store.add(ENDED_KEY, 1)
+            deadline = time.monotonic() + timeout_s
+            while self.env.is_main and ended < self.env.world_size and time.monotonic() < deadline:
+                time.sleep(0.05)
+                ended = self.env.store.add(ENDED_KEY, 0)
+
+    def first_failure(self) -> str | None:
+        """The failure another stage reported first, as ``stage i: Error: text``; None if none was."""
+        with contextlib.suppress(Exception):  # the store may be gone with the agent
+            if self.env.store.check([ABORT_KEY]):
+                info = json.loads(self.env.store.get(ABORT_KEY).decode())
+                if info.get("stage") != self.env.rank:
+                    return _reason(info.get("stage"), info["error"])
+        return None
 
     def finish(self, per_stage: dict[str, Any], step_times: list[float], snapshots: Snapshots,
                final_eval: dict[str, Any] | None, curve_evals: dict[int, dict[str, Any]], dataset: str | None,
@@ -208,6 +289,8 @@ class StageRun:
                   "snapshot_times": snapshots.times(), "curve_evals": {str(k): v for k, v in curve_evals.items()},
                   "task_result": self.task.result() if self.env.is_main and self.task.result is not None else None}
         self.write_stage_file("done")
+        with self._end_lock:
+            self._ended = True
         reports = gather_json(report)
         self.watchdog.stop()
         summary = None
@@ -219,14 +302,18 @@ class StageRun:
         return summary
 
 
-def _clear_outputs(run_dir: Path, resumed: bool) -> None:
-    """Remove a previous run's outputs from ``run_dir`` (shared files are appended to); a resumed run appends to
-    metrics.jsonl. Checkpoints are never removed here (see :func:`validate`)."""
-    for name in ("summary.json",) if resumed else ("metrics.jsonl", "summary.json"):
-        (run_dir / name).unlink(missing_ok=True)
-    for folder in ("events", "grads", "stages"):
-        if (run_dir / folder).is_dir():
-            shutil.rmtree(run_dir / folder)
+def run_status(reason: str) -> str:
+    """A failed run's status from its reason: ``diverged``, ``stopped`` (a signal) or ``failed``."""
+    if reason.startswith("diverged at step"):
+        return "diverged"
+    return "stopped" if "stopped by SIG" in reason else "failed"
+
+
+def _reason(stage: int | str | None, error: str) -> str:
+    """A failure as one line: ``stage i: Error: text``; a divergence says its stage itself."""
+    if error.startswith(f"{Diverged.__name__}: "):
+        return error.split(": ", 1)[1]
+    return error if stage in (None, "?") else f"stage {stage}: {error}"
 
 
 @contextlib.contextmanager
@@ -243,19 +330,49 @@ def stage_run(task: PipelineTask, config: PipelineConfig) -> Iterator[StageRun]:
     env = init_stage(config.stages, config.devices)
     setup_logging(env.rank)
     torch.set_num_threads(config.threads_per_stage)
-    run = StageRun(task, config, env, stages, shapes, AbortWatchdog(env, peer_timeout=config.peer_timeout).start())
-    try:
-        yield run
-    except BaseException as err:
-        log.error("failed: %s: %s", type(err).__name__, err)
-        run.watchdog.report(err)
-        if isinstance(err, PeerLost):
-            run.watchdog.kill_if_silent(err.peer)
+    run = StageRun(task, config, env, stages, shapes, AbortWatchdog(env, peer_timeout=config.peer_timeout))
+    run.watchdog.on_abort = lambda info: run.end(_reason(info.get("stage"), info["error"]))
+    run.watchdog.start()
+    with _stop_on_signals(run):
         try:
-            run.write_stage_file("failed")
-        finally:
-            for f in run._files:
-                f.close()
-            if run.transport is not None:
-                run.transport.close()
-        raise
+            yield run
+        except BaseException as err:
+            log.error("failed: %s: %s", type(err).__name__, err)
+            first = run.first_failure()
+            run.watchdog.report(err)
+            if isinstance(err, PeerLost):
+                run.watchdog.kill_if_silent(err.peer)
+            try:
+                run.end(first or _reason(env.rank, f"{type(err).__name__}: {err}"))
+            finally:
+                for f in run._files:
+                    f.close()
+                if run.transport is not None:
+                    run.transport.close()
+            raise
+
+
+@contextlib.contextmanager
+def _stop_on_signals(run: StageRun) -> Iterator[None]:
+    """While the stage runs, :data:`STOP_SIGNALS` end it cleanly (Python's default would end it at once, its
+    file still saying ``running``); the previous handlers come back afterwards. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        first = run.first_failure()
+        log.error("stopped by %s%s", name, f" (ending the run after {first})" if first else "")
+        if first is None:
+            run.watchdog.report(f"stopped by {name}")
+        run.end(first or f"stage {run.env.rank}: stopped by {name}")
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -3,25 +3,49 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["StageStats", "LineWriter", "JsonLines", "Tee", "tee", "write_json_atomic", "rss_mb",
-           "steady_samples_per_s"]
+__all__ = ["StageStats", "LineWriter", "JsonLines", "Tee", "tee", "strict_json", "dumps", "write_json_atomic",
+           "rss_mb", "steady_samples_per_s"]
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every float that JSON cannot hold (NaN, +-Infinity) replaced by None (``null``): what the
+    project writes parses with any strict JSON parser. A run that produced such a number stops as diverged
+    (see :mod:`dni_async.divergence`), so a ``null`` figure never goes unexplained."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON text of ``obj`` (:func:`strict_json`)."""
+    return json.dumps(strict_json(obj), indent=indent, allow_nan=False)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file, flush, fsync and rename over ``path``."""
+    """Write strict JSON to a temporary file, flush, fsync and rename over ``path``; on any failure (a full disk)
+    the temporary file is removed and the error raised."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(dumps(obj, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rss_mb() -> float:
@@ -47,7 +71,7 @@ class JsonLines:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def write(self, obj: dict[str, Any]) -> None:
-        os.write(self._fd, (json.dumps(obj) + "\n").encode())
+        os.write(self._fd, (dumps(obj) + "\n").encode())
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .checkpoint import Checkpointer, check_compatible, load_stage, newest_complete
 from .config import PipelineConfig
-from .lifecycle import StageRun, stage_run
+from .lifecycle import StageRun, check_resume_step, stage_run
 from .metrics import steady_samples_per_s, tee
 from .stage import StageWorker
 from .task import PipelineTask
@@ -63,6 +63,9 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         if env.is_main:
             log.info("config: %s", config.to_dict())
         block = run.stages[env.rank].to(env.device)
+        resume = _resume_state(run)  # before begin: a refused resume leaves the run folder as it was
+        if resume is not None and data is not None:
+            check_resume_step(int(resume["step"]), data[1])
         run.begin(_connect(run), events=True)
         assert run.transport is not None and run.metrics is not None
         checkpoints = None
@@ -71,7 +74,6 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
                                        {"config": config.to_dict(), "blocks_per_stage": [len(s) for s in run.stages]})
         worker = StageWorker(env.rank, config.stages, block, run.transport, config, env.device, task,
                              [tuple(s[1:]) for s in run.shapes], tee(run.metrics, board), run.events, checkpoints)
-        resume = _resume_state(run)
         if resume is not None:
             worker.restore(resume)
         run.started()

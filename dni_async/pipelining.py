@@ -27,6 +27,7 @@ from torch.distributed import pipelining
 from torch.distributed.pipelining import PipelineStage
 
 from .config import PipelineConfig
+from .divergence import check_finite
 from .lifecycle import stage_run
 from .metrics import tee
 from .optim import fast_adam
@@ -129,9 +130,11 @@ def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any]
             opt.step()
             step_times.append(time.perf_counter())
             snapshots.maybe_take(t + 1)
-            if last and losses and (t + 1) % config.log_every == 0:
-                metrics.write({"stage": env.rank, "step": t, "time": time.time(),
-                               "loss": float(torch.stack(losses).detach().mean())})
+            if (t + 1) % config.log_every == 0:
+                line = {"loss": float(torch.stack(losses).detach().mean())} if last and losses else {}
+                if line:
+                    metrics.write({"stage": env.rank, "step": t, "time": time.time(), **line})
+                check_finite(t, env.rank, line, block)
             bar.update(1)
         bar.close()
         run.stopped()

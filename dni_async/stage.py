@@ -15,6 +15,7 @@ from .checkpoint import Checkpointer
 from .config import PipelineConfig
 from .evaluation import StageEval
 from .hooks import CheckpointEvery, Faults, Hooks, MetricsEvery, SaveGrads
+from .lifecycle import check_resume_step
 from .metrics import LineWriter, StageStats
 from .recurrent import carried_states, load_carried_states, reset_states
 from .snapshots import Snapshots
@@ -103,8 +104,7 @@ class StageWorker:
                   on_step: Callable[[int, dict[str, Any]], None] | None = None) -> None:
         """Stage 0: read the data, train ``steps`` steps (or until ``--time-budget``), evaluate, stop."""
         deadline = time.perf_counter() + self.config.time_budget if self.config.time_budget else None
-        if self.start_step >= steps:
-            raise ValueError(f"the checkpoint is at step {self.start_step}: --steps must be above it, got {steps}")
+        check_resume_step(self.start_step, steps)
         for _ in range(self._skip_items):  # the data position: the same items the uninterrupted run would read
             next(batches)
         for t in range(self.start_step, steps):

@@ -9,6 +9,8 @@ checks the input, inside the run).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
@@ -17,9 +19,12 @@ from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `tasks` lives there
 
-from dni_async.config import add_arguments, config_from_args  # noqa: E402
+from dni_async.config import PipelineConfig, add_arguments, config_from_args  # noqa: E402
+from dni_async.divergence import Diverged  # noqa: E402
 from dni_async.lifecycle import validate  # noqa: E402
+from dni_async.metrics import write_json_atomic  # noqa: E402
 from dni_async.pipeline import run_pipeline  # noqa: E402
+from dni_async.rundir import lock_run_dir  # noqa: E402
 from dni_async.runtime import LaunchError  # noqa: E402
 from tasks import get_pipeline_task  # noqa: E402
 
@@ -45,15 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         task = get_pipeline_task(config)
         if launcher or (VALIDATED not in os.environ and os.environ["RANK"] == "0"):
             validate(task, config)
+            lock_run_dir(config.run_dir)  # held until this process ends: the launcher, or rank 0 under torchrun
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     if launcher:
-        from torch.distributed.run import main as torchrun
-
-        os.environ[VALIDATED] = "1"
-        os.environ.setdefault("OMP_NUM_THREADS", str(config.threads_per_stage))  # each stage sets its own threads
-        torchrun(["--standalone", "--nproc-per-node", str(config.stages), __file__, *argv])
-        return 0
+        return _launch(config, argv)
     try:
         if config.method.pipelining:  # imported only here: torch.distributed.pipelining takes ~1.5 s to import
             from dni_async.pipelining import run_pipelining
@@ -64,7 +65,47 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, LaunchError) as err:  # bad input or launch, found before training
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Diverged:  # said already, by the stage's log ("failed: Diverged: diverged at step ...")
+        return 1
     return 0
+
+
+def _launch(config: PipelineConfig, argv: list[str]) -> int:
+    """Start the stages through torchrun's launcher; a failed run ends with one line saying why (from
+    summary.json, which rank 0 writes on every ending it sees) instead of torchrun's report."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    os.environ[VALIDATED] = "1"
+    os.environ.setdefault("OMP_NUM_THREADS", str(config.threads_per_stage))  # each stage sets its own threads
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(config.stages), __file__, *argv])
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        _say_ending(config, f"stage {rank} exited with code {failure.exitcode}")
+        return 1
+    except SignalException as err:  # SIGTERM, SIGHUP, SIGINT: torchrun has stopped the stages
+        _say_ending(config, f"the launcher was stopped by {err.sigval.name}")
+        return 128 + int(err.sigval)
+    return 0
+
+
+def _say_ending(config: PipelineConfig, cause: str) -> None:
+    """One line on a run that did not finish, from the summary.json rank 0 writes on every ending it sees; where
+    rank 0 began (removing the last run's summary) but was killed before it wrote one, the launcher writes it."""
+    summary = Path(config.run_dir) / "summary.json"
+    if summary.exists():  # this run's ending, or the last run's if this one was refused before it began
+        ending = json.loads(summary.read_text())
+    else:
+        ending = {"status": "failed", "reason": cause, "mode": config.mode, "stages": config.stages,
+                  "config": config.to_dict()}
+        with contextlib.suppress(OSError):  # a full disk: the line below is all there is
+            write_json_atomic(summary, ending)
+    if ending.get("status") == "done":
+        print(f"error: {cause}", file=sys.stderr)
+    else:
+        print(f"error: run {ending['status']}: {ending['reason']} (outputs in {config.run_dir})", file=sys.stderr)
 
 
 def _exit_now(code: int) -> NoReturn:

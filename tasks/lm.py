@@ -126,10 +126,16 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
         return (train_items(items, steps), steps,
                 lambda final: evals["valid"] + evals["test"] if final else evals["valid"], dataset)
 
+    def check_data() -> None:
+        need = config.batch_size * (bptt + 1)
+        for split, ids in corpus.splits.items():
+            if ids.numel() < need:
+                raise ValueError(f"--batch-size {config.batch_size} with --bptt {bptt} needs {need:,} tokens per "
+                                 f"split; the {split} split of {dataset} has {ids.numel():,}")
+
     return PipelineTask(name="lm", blocks=blocks, loss_fn=lm_loss, input_shape=(bptt,), input_dtype=torch.long,
                         num_classes=vocab, classification=False, context_fn=lambda targets: targets,
-                        metric_fn=nll_sums,
-                        summarize=perplexity, data=data)
+                        metric_fn=nll_sums, summarize=perplexity, data=data, check_data=check_data)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dni_async import DNI
 from dni_async.config import PipelineConfig
-from dni_async.data import check_mnist_dir, load_mnist_with_source
+from dni_async.data import check_mnist_dir, load_mnist_with_source, local_split_size
 from dni_async.task import Batch, PipelineTask
 
 __all__ = ["mnist_fcn", "fcn_blocks", "cnn_blocks", "pipeline_task", "evaluate", "train", "main"]
@@ -69,7 +69,13 @@ def cnn_blocks(channels: int = 32) -> list[nn.Module]:
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, seed: int) -> Iterator[Batch]:
-    """``steps`` minibatches, reshuffled every epoch by a generator of its own."""
+    """``steps`` minibatches, reshuffled every epoch by a generator of its own.
+
+    Raises:
+        ValueError: a batch larger than the data (it would never yield).
+    """
+    if batch_size > len(x):
+        raise ValueError(f"--batch-size {batch_size} is larger than the {len(x):,} training examples")
     gen = torch.Generator().manual_seed(seed)
     done = 0
     while True:
@@ -112,8 +118,15 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
         evals = [(x_test[i:i + 1000], y_test[i:i + 1000]) for i in range(0, len(x_test), 1000)]
         return _batches(x_train, y_train, config.batch_size, steps, config.seed), steps, evals, dataset
 
+    def check_data() -> None:
+        check_mnist_dir(config.data_dir)
+        train = local_split_size(config.data_dir, "train")
+        if train is not None and config.batch_size > train:
+            raise ValueError(f"--batch-size {config.batch_size} is larger than the {train:,} training examples of "
+                             f"the MNIST found")
+
     return PipelineTask(name=config.task, blocks=blocks, loss_fn=F.cross_entropy, input_shape=(1, 28, 28),
-                        num_classes=10, data=data, check_data=lambda: check_mnist_dir(config.data_dir))
+                        num_classes=10, data=data, check_data=check_data)
 
 
 @torch.no_grad()

@@ -132,3 +132,18 @@ def read_json(path: Path) -> Any:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def launcher_main(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int | str | None:
+    """Call launch/pipeline.py's ``main`` in this process as the command line would (not as a stage): its checks
+    before any process starts, without a second import of torch. Returns the exit code it leaves with."""
+    import importlib.util
+
+    monkeypatch.delenv("RANK", raising=False)
+    spec = importlib.util.spec_from_file_location("launch_pipeline", LAUNCH)
+    assert spec is not None and spec.loader is not None
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    with pytest.raises(SystemExit) as exit_:
+        launcher.main(argv)
+    return exit_.value.code

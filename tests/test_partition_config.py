@@ -63,7 +63,12 @@ def test_shape_mismatch_names_both_stages_and_shapes() -> None:
     ("threads_per_stage", 0, "--threads-per-stage must be >= 1"),
     ("batch_size", 0, "--batch-size must be >= 1"),
     ("sg", "transformer", "--sg must be one of"),
-    ("peer_timeout", 0, "--peer-timeout must be > 0"),
+    ("peer_timeout", 0, "--peer-timeout must be >= 1 s"),
+    ("peer_timeout", float("nan"), "--peer-timeout must be a finite number, got nan"),
+    ("lr", float("nan"), "--lr must be a finite number, got nan"),
+    ("sg_lr", float("inf"), "--sg-lr must be a finite number, got inf"),
+    ("epochs", float("nan"), "--epochs must be a finite number"),
+    ("time_budget", float("inf"), "--time-budget must be a finite number"),
     ("max_in_flight", -1, "--max-in-flight must be >= 0"),
 ])
 def test_config_validation(field: str, value: object, message: str) -> None:

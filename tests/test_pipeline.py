@@ -21,6 +21,7 @@ from helpers import (
     alive,
     free_port,
     kill_group,
+    launcher_main,
     ok,
     read_json,
     read_jsonl,
@@ -168,7 +169,12 @@ def test_a_failing_stage_ends_the_run(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert time.monotonic() - began < 60
     assert "aborting: stage 1 failed: RuntimeError: injected failure at step 5" in result.stderr
-    assert read_json(tmp_path / "run" / "stages" / "stage-1.json")["status"] == "failed"
+    reason = "stage 1: RuntimeError: injected failure at step 5 (--fail-stage)"
+    for stage in range(3):  # the failed stage and the two the watchdog ended
+        assert read_json(tmp_path / "run" / "stages" / f"stage-{stage}.json")["status"] == "failed"
+        assert read_json(tmp_path / "run" / "stages" / f"stage-{stage}.json")["reason"] == reason
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert (summary["status"], summary["reason"]) == ("failed", reason)
 
 
 def test_world_size_must_match_stages(tmp_path: Path) -> None:
@@ -187,24 +193,19 @@ def test_world_size_must_match_stages(tmp_path: Path) -> None:
     (["--data-dir", str(ROOT / "tests")], "no MNIST train files"),
     (["--resume", "/nonexistent"], "no complete checkpoint set in /nonexistent/checkpoints"),
     (["--lr", "-1"], "--lr and --sg-lr must be > 0"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--peer-timeout", "0.5"], "--peer-timeout must be >= 1 s (one heartbeat"),
+    (["--batch-size", "8192", *DATA], "--batch-size 8192 is larger than the 6,000 training examples"),
     (["--steps", "x"], "argument --steps: invalid int value"),
     (["--task", "copy", "--mode", "cdni", "--sg", "softmax"], "--sg softmax predicts the gradient"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str,
                                           capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The launcher's checks, called in this process: the CLI's own (one subprocess) follows."""
-    import importlib.util
-
-    monkeypatch.delenv("RANK", raising=False)
-    spec = importlib.util.spec_from_file_location("launch_pipeline", LAUNCH)
-    assert spec is not None and spec.loader is not None
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
     run = tmp_path / "run"
-    with pytest.raises(SystemExit) as exit_:
-        launcher.main(["--stages", "2", *SMALL, "--run-dir", str(run), *args])
+    code = launcher_main(["--stages", "2", *SMALL, "--run-dir", str(run), *args], monkeypatch)
     out, err = capsys.readouterr()
-    assert exit_.value.code == 2 and out == ""
+    assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not run.exists(), "no stage process ever started: nothing was written"
 

@@ -9,8 +9,10 @@ from .mnist import (
     check_mnist_dir,
     load_mnist,
     load_mnist_with_source,
+    local_split_size,
     resolve_data_dir,
 )
 
 __all__ = ["MNIST_FILES", "SOURCE_MNIST", "SOURCE_SUBSET", "MnistData", "MnistDownloadError", "check_mnist_dir",
-           "download_files", "load_mnist", "load_mnist_with_source", "mnist_cache_dir", "resolve_data_dir"]
+           "download_files", "load_mnist", "load_mnist_with_source", "local_split_size", "mnist_cache_dir",
+           "resolve_data_dir"]

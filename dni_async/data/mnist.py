@@ -15,7 +15,7 @@ import torch
 from .download import DEFAULT_TIMEOUT, MnistDownloadError, download_files, mnist_cache_dir
 
 __all__ = ["DATA_ENV", "MNIST_FILES", "SOURCE_MNIST", "SOURCE_SUBSET", "SUBSET_DIR", "MnistData", "load_mnist",
-           "load_mnist_with_source", "read_idx", "resolve_data_dir"]
+           "load_mnist_with_source", "local_split_size", "read_idx", "resolve_data_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,22 @@ def check_mnist_dir(data_dir: str | os.PathLike[str] | None) -> None:
         unreadable = [str(f) for f in files if not os.access(f, os.R_OK)]
         if unreadable:
             raise FileNotFoundError(f"{what}: cannot read {', '.join(unreadable)}")
+
+
+def local_split_size(data_dir: str | os.PathLike[str] | None, split: str) -> int | None:
+    """How many images :func:`load_mnist_with_source` would load for ``split`` from the files here (in ``data_dir``,
+    else ``$DNI_ASYNC_DATA``, else the user cache), read from the IDX header alone; None when they are not
+    there (a named folder without them is :func:`check_mnist_dir`'s error; otherwise the loader would download
+    them or fall back to the subset, which is not known before it does)."""
+    named = data_dir if data_dir is not None else os.environ.get(DATA_ENV) or None
+    for folder in [Path(named).expanduser()] if named is not None else [mnist_cache_dir()]:
+        files = _find_split(folder, split, [])
+        if files is not None:
+            opener = gzip.open if files[0].suffix == ".gz" else open
+            with opener(files[0], "rb") as f:
+                header = f.read(8)
+            return int(struct.unpack(">I", header[4:8])[0]) if len(header) == 8 else None
+    return None
 
 
 def _find_split(root: Path, split: str, tried: list[str]) -> tuple[Path, Path] | None:
