@@ -176,7 +176,7 @@ class StageRun:
     """The outputs are this run's (:meth:`begin`): before, an ending leaves the run folder as it was."""
     _files: list[JsonLines] = field(default_factory=list)
     _ended: bool = False
-    _end_lock: threading.Lock = field(default_factory=threading.Lock)
+    _end_lock: threading.RLock = field(default_factory=threading.RLock)  # a signal may come during end()
 
     @property
     def run_dir(self) -> Path:

@@ -10,6 +10,7 @@ from .checkpoint import Checkpointer, check_compatible, load_stage, newest_compl
 from .config import PipelineConfig
 from .lifecycle import StageRun, check_resume_step, stage_run
 from .metrics import steady_samples_per_s, tee
+from .runtime import await_key
 from .stage import StageWorker
 from .task import PipelineTask
 from .tensorboard import stage_board
@@ -31,7 +32,7 @@ def _resume_state(run: StageRun) -> dict[str, Any] | None:
         check_compatible(manifest, config.to_dict())
         env.store.set(RESUME_KEY, str(set_dir))
         log.info("resuming from %s (step %d)", set_dir, manifest["step"])
-    return load_stage(Path(env.store.get(RESUME_KEY).decode()), env.rank)
+    return load_stage(Path(await_key(env.store, RESUME_KEY).decode()), env.rank)
 
 
 def _connect(run: StageRun) -> str:
@@ -42,7 +43,7 @@ def _connect(run: StageRun) -> str:
     run.transport = make_transport(config.transport, env.rank, config.stages, options)
     endpoint = run.transport.bind()
     env.store.set(f"dni_async/endpoint/{env.rank}", endpoint)
-    run.transport.connect({r: env.store.get(f"dni_async/endpoint/{r}").decode() for r in range(config.stages)})
+    run.transport.connect({r: await_key(env.store, f"dni_async/endpoint/{r}").decode() for r in range(config.stages)})
     return endpoint
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["LaunchError", "StageEnv", "init_stage", "resolve_device", "gather_json", "AbortWatchdog", "shutdown"]
+__all__ = ["LaunchError", "StageEnv", "init_stage", "resolve_device", "await_key", "gather_json", "AbortWatchdog",
+           "shutdown"]
 
 log = logging.getLogger("dni_async")
 ABORT_KEY = "dni_async/abort"
@@ -86,6 +87,15 @@ def init_stage(stages: int, devices: list[str] | None, timeout_s: float = 120.0)
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     store = dist.distributed_c10d._get_default_store()
     return StageEnv(rank, world, local_rank, device, store, socket.gethostname())
+
+
+def await_key(store: dist.Store, key: str, poll_s: float = 0.02) -> bytes:
+    """``store.get(key)``, polling for the key rather than blocking in ``get``: the client serialises calls, so a
+    blocking ``get`` would keep this stage's watchdog thread from the store until the key came, and a stage that
+    failed before setting it would leave this one waiting instead of aborting."""
+    while not store.check([key]):
+        time.sleep(poll_s)
+    return store.get(key)
 
 
 def gather_json(obj: Any) -> list[Any] | None:
@@ -161,11 +171,12 @@ class AbortWatchdog:
         return self
 
     def report(self, error: BaseException | str, stage: int | None = None) -> None:
-        """Tell every stage that ``stage`` (default: this one) failed."""
+        """Tell every stage that ``stage`` (default: this one) failed, unless a failure was reported already: the
+        first one is the cause, later ones (a peer lost because of it) its consequences."""
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         info = json.dumps({"stage": self.env.rank if stage is None else stage, "error": text})
         try:
-            self.env.store.set(ABORT_KEY, info)
+            self.env.store.compare_set(ABORT_KEY, "", info)
         except Exception as err:  # noqa: BLE001 - the store may be gone with the agent
             log.error("could not report the failure to the other stages: %s", err)
 

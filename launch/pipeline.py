@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -71,38 +72,47 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _launch(config: PipelineConfig, argv: list[str]) -> int:
-    """Start the stages through torchrun's launcher; a failed run ends with one line saying why (from
-    summary.json, which rank 0 writes on every ending it sees) instead of torchrun's report."""
+    """Start the stages through torchrun's launcher; a run that did not finish ends with one line saying why
+    instead of torchrun's report: exit 2 for a refusal inside the run (it leaves the run folder as it was), 1 for
+    a failure, 128 + the signal for a stop."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     os.environ[VALIDATED] = "1"
     os.environ.setdefault("OMP_NUM_THREADS", str(config.threads_per_stage))  # each stage sets its own threads
+    launched = time.time()
     try:
         torchrun(["--standalone", "--nproc-per-node", str(config.stages), __file__, *argv])
     except ChildFailedError as err:
+        if any(f.exitcode == 2 for f in err.failures.values()):  # refused: the stage said why ("error: ...")
+            return 2
         rank, failure = err.get_first_failure()
-        _say_ending(config, f"stage {rank} exited with code {failure.exitcode}")
+        _say_ending(config, launched, f"stage {rank} exited with code {failure.exitcode}")
         return 1
     except SignalException as err:  # SIGTERM, SIGHUP, SIGINT: torchrun has stopped the stages
-        _say_ending(config, f"the launcher was stopped by {err.sigval.name}")
+        _say_ending(config, launched, f"the launcher was stopped by {err.sigval.name}")
         return 128 + int(err.sigval)
     return 0
 
 
-def _say_ending(config: PipelineConfig, cause: str) -> None:
-    """One line on a run that did not finish, from the summary.json rank 0 writes on every ending it sees; where
-    rank 0 began (removing the last run's summary) but was killed before it wrote one, the launcher writes it."""
-    summary = Path(config.run_dir) / "summary.json"
-    if summary.exists():  # this run's ending, or the last run's if this one was refused before it began
+def _say_ending(config: PipelineConfig, launched: float, cause: str) -> None:
+    """One line on a run that did not finish, from the summary.json rank 0 writes on every ending it sees. Where
+    rank 0 began (its stage file is this run's) but was killed before it wrote one, the launcher writes it; a run
+    that ended before it began leaves the folder alone."""
+    run_dir = Path(config.run_dir)
+    summary, stage_file = run_dir / "summary.json", run_dir / "stages" / "stage-0.json"
+    if not stage_file.exists() or stage_file.stat().st_mtime < launched:
+        print(f"error: {cause}", file=sys.stderr)
+        return
+    if summary.exists():
         ending = json.loads(summary.read_text())
     else:
         ending = {"status": "failed", "reason": cause, "mode": config.mode, "stages": config.stages,
                   "config": config.to_dict()}
         with contextlib.suppress(OSError):  # a full disk: the line below is all there is
             write_json_atomic(summary, ending)
-    if ending.get("status") == "done":
+    if ending.get("status") == "done":  # rank 0 finished; another stage failed after it
         print(f"error: {cause}", file=sys.stderr)
     else:
         print(f"error: run {ending['status']}: {ending['reason']} (outputs in {config.run_dir})", file=sys.stderr)

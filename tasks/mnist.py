@@ -28,6 +28,8 @@ MODES = ("backprop", "dni", "cdni")
 DATA_HELP = ("folder with the MNIST files (default: $DNI_ASYNC_DATA, else ~/.cache/dni_async/mnist, "
              "else a download into it, else the bundled 6,000/1,000-image subset)")
 SG_TARGETS = ("batch", "raw")
+MNIST_TRAIN = 60_000
+"""Training images of the full MNIST (the bundled subset has 6,000)."""
 
 
 def mnist_fcn(hidden_size: int = 256, num_layers: int = 3, batchnorm: bool = True) -> nn.Sequential:
@@ -72,20 +74,24 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, seed
     """``steps`` minibatches, reshuffled every epoch by a generator of its own.
 
     Raises:
-        ValueError: a batch larger than the data (it would never yield).
+        ValueError: at once, for a batch larger than the data (the iterator would never yield).
     """
     if batch_size > len(x):
         raise ValueError(f"--batch-size {batch_size} is larger than the {len(x):,} training examples")
-    gen = torch.Generator().manual_seed(seed)
-    done = 0
-    while True:
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            if done == steps:
-                return
-            idx = order[i:i + batch_size]
-            yield x[idx], y[idx]
-            done += 1
+
+    def batches() -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(seed)
+        done = 0
+        while True:
+            order = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(order) - batch_size + 1, batch_size):
+                if done == steps:
+                    return
+                idx = order[i:i + batch_size]
+                yield x[idx], y[idx]
+                done += 1
+
+    return batches()
 
 
 def load_splits(data_dir: str | None) -> tuple[Batch, Batch, str]:
@@ -121,9 +127,11 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
     def check_data() -> None:
         check_mnist_dir(config.data_dir)
         train = local_split_size(config.data_dir, "train")
-        if train is not None and config.batch_size > train:
+        found = "the MNIST found" if train is not None else "MNIST"
+        train = train if train is not None else MNIST_TRAIN  # to be downloaded, or the subset: at most that
+        if config.batch_size > train:
             raise ValueError(f"--batch-size {config.batch_size} is larger than the {train:,} training examples of "
-                             f"the MNIST found")
+                             f"{found}")
 
     return PipelineTask(name=config.task, blocks=blocks, loss_fn=F.cross_entropy, input_shape=(1, 28, 28),
                         num_classes=10, data=data, check_data=check_data)

@@ -32,6 +32,7 @@ from helpers import (
     running,
     stage_pids,
     stages,
+    start,
 )
 from torch import nn
 
@@ -114,6 +115,21 @@ def test_a_huge_batch_exits_2_in_seconds(tmp_path: Path) -> None:
     assert "--batch-size 100000 is larger than the 6,000 training examples" in result.stderr
     assert time.monotonic() - began < 30
     assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_above_the_subset_found_inside_the_run_exits_2_and_leaves_the_folder(tmp_path: Path) -> None:
+    """No data here, no download: the loader falls back to the 6,000-image subset inside stage 0, which refuses the
+    batch before it touches the run folder; the other stage, waiting for stage 0's endpoint, ends with it."""
+    run = tmp_path / "run"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "DNI_ASYNC_MNIST_MIRRORS": ""}
+    env.pop("DNI_ASYNC_DATA", None)
+    began = time.monotonic()
+    result = finish(start([sys.executable, str(LAUNCH), "--stages", "2", "--steps", "5", "--batch-size", "8000",
+                           "--run-dir", str(run), *SMALL], env=env), 60)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: --batch-size 8000 is larger than the 6,000 training examples\n" in result.stderr
+    assert time.monotonic() - began < 30, "the other stage was left waiting"
+    assert [p.name for p in run.iterdir()] == [LOCK_FILE]
 
 
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

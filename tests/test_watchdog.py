@@ -4,6 +4,7 @@ case 5: Ctrl-Z, then fg, killed a healthy stage)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ import torch
 from helpers import LAUNCH, SMALL, SUBSET, alive, finish, kill_group, read_json, start
 
 from dni_async import runtime
-from dni_async.runtime import HEARTBEAT_KEY, AbortWatchdog, StageEnv
+from dni_async.runtime import ABORT_KEY, HEARTBEAT_KEY, AbortWatchdog, StageEnv
 
 PEER = f"{HEARTBEAT_KEY}/1"
 
@@ -133,6 +134,16 @@ def test_a_stalled_store_blames_no_peer(monkeypatch: pytest.MonkeyPatch, caplog:
         stage.run(6.0, peer_from=stage.clock.now + 1.0)
     assert not stage.blamed
     assert len(_pauses(caplog)) == 1
+
+
+def test_the_first_failure_reported_stays_the_one_every_stage_reads() -> None:
+    """A stage that fails because of another's failure (a peer lost) must not replace the cause."""
+    store = torch.distributed.HashStore()
+    first = AbortWatchdog(StageEnv(1, 3, 1, torch.device("cpu"), store, "host"))
+    second = AbortWatchdog(StageEnv(0, 3, 0, torch.device("cpu"), store, "host"))
+    first.report(RuntimeError("injected failure"))
+    second.report("PeerLost: lost stage 1")
+    assert json.loads(store.get(ABORT_KEY)) == {"stage": 1, "error": "RuntimeError: injected failure"}
 
 
 def _stage_files(run: Path) -> list[dict[str, Any]]:
