@@ -267,12 +267,12 @@ class StageRun:
                 ended = self.env.store.add(ENDED_KEY, 0)
 
     def first_failure(self) -> str | None:
-        """The failure another stage reported first, as ``stage i: Error: text``; None if none was."""
+        """The failure reported first (by any stage, this one included: the cause; later ones are its
+        consequences), as one line; None if none was, or the store is gone."""
         with contextlib.suppress(Exception):  # the store may be gone with the agent
             if self.env.store.check([ABORT_KEY]):
                 info = json.loads(self.env.store.get(ABORT_KEY).decode())
-                if info.get("stage") != self.env.rank:
-                    return _reason(info.get("stage"), info["error"])
+                return _reason(info.get("stage"), info["error"])
         return None
 
     def finish(self, per_stage: dict[str, Any], step_times: list[float], snapshots: Snapshots,
@@ -338,12 +338,11 @@ def stage_run(task: PipelineTask, config: PipelineConfig) -> Iterator[StageRun]:
             yield run
         except BaseException as err:
             log.error("failed: %s: %s", type(err).__name__, err)
-            first = run.first_failure()
             run.watchdog.report(err)
             if isinstance(err, PeerLost):
                 run.watchdog.kill_if_silent(err.peer)
             try:
-                run.end(first or _reason(env.rank, f"{type(err).__name__}: {err}"))
+                run.end(run.first_failure() or _reason(env.rank, f"{type(err).__name__}: {err}"))
             finally:
                 for f in run._files:
                     f.close()
@@ -362,11 +361,9 @@ def _stop_on_signals(run: StageRun) -> Iterator[None]:
 
     def stop(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
-        first = run.first_failure()
-        log.error("stopped by %s%s", name, f" (ending the run after {first})" if first else "")
-        if first is None:
-            run.watchdog.report(f"stopped by {name}")
-        run.end(first or f"stage {run.env.rank}: stopped by {name}")
+        log.error("stopped by %s", name)
+        run.watchdog.report(f"stopped by {name}")
+        run.end(run.first_failure() or f"stage {run.env.rank}: stopped by {name}")
         logging.shutdown()
         os._exit(128 + signum)
 
