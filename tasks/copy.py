@@ -14,7 +14,6 @@ sequence. "Longest solved" is the last length that passed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from dni_async.config import TASK_DEFAULTS, PipelineConfig
 from dni_async.data.copy import copy_batch
+from dni_async.metrics import dumps
 from dni_async.recurrent import TruncatedLSTM, reset_states, sg_fit
 from dni_async.task import Item, PipelineTask, unpack
 
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     result = train(args.task, args.mode, args.steps, args.bptt, args.batch_size, args.hidden_size, args.num_layers,
                    args.lr, args.sg_lr, args.max_repeats, args.seed, sg_scale=args.sg_scale)
-    print(json.dumps({"task": args.task, "mode": args.mode, "bptt": args.bptt, "seed": args.seed,
+    print(dumps({"task": args.task, "mode": args.mode, "bptt": args.bptt, "seed": args.seed,
                       "sg_scale": args.sg_scale, "threshold": THRESHOLD, **result}))
     return 0
 

@@ -12,7 +12,6 @@ of their output (``cdni``: conditioned on the next words, as class ids).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from dni_async.config import TASK_DEFAULTS, PipelineConfig
 from dni_async.data.text import SPLITS, TEXT_SUBSET_DIR, Corpus, batchify, split_file
+from dni_async.metrics import dumps
 from dni_async.recurrent import TruncatedLSTM, reset_states
 from dni_async.task import Item, PipelineTask, unpack
 
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        args.num_layers, args.vocab_size, args.lr, args.sg_lr, args.seed, args.steps)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    print(json.dumps({"mode": args.mode, "seed": args.seed, "bptt": args.bptt, **result}))
+    print(dumps({"mode": args.mode, "seed": args.seed, "bptt": args.bptt, **result}))
     return 0
 
 

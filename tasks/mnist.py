@@ -6,7 +6,6 @@ Run ``python -m tasks.mnist --help``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from typing import Iterator, Sequence
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from dni_async import DNI
 from dni_async.config import PipelineConfig
 from dni_async.data import check_mnist_dir, load_mnist_with_source, local_split_size
+from dni_async.metrics import dumps
 from dni_async.task import Batch, PipelineTask
 
 __all__ = ["mnist_fcn", "fcn_blocks", "cnn_blocks", "pipeline_task", "evaluate", "train", "main"]
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    sg_lr=args.sg_lr, sg_layers=args.sg_layers, sg_hidden=args.sg_hidden,
                    sg_targets=args.sg_targets, hidden_size=args.hidden_size,
                    num_layers=args.num_layers, seed=args.seed, model_kind=args.model)
-    print(json.dumps({"mode": args.mode, "model": args.model, "epochs": args.epochs, "seed": args.seed, **result}))
+    print(dumps({"mode": args.mode, "model": args.model, "epochs": args.epochs, "seed": args.seed, **result}))
     return 0
 
 
