@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .metrics import write_json_atomic
+from .metrics import write_atomic, write_json_atomic
 
 __all__ = ["FORMAT", "MODEL_FIELDS", "Checkpointer", "check_compatible", "export_model", "load_stage",
            "newest_complete", "save_atomic"]
@@ -80,20 +80,10 @@ def save_atomic(obj: Any, path: Path) -> tuple[int, str]:
     Returns:
         The file's size and SHA-256 (hashed from the bytes written, not read back).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getbuffer()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)
     _fsync_dir(path.parent)
     return len(data), hashlib.sha256(data).hexdigest()
 

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["StageStats", "LineWriter", "JsonLines", "Tee", "tee", "strict_json", "dumps", "write_json_atomic",
-           "rss_mb", "steady_samples_per_s"]
+__all__ = ["StageStats", "LineWriter", "JsonLines", "Tee", "tee", "strict_json", "dumps", "write_atomic",
+           "write_json_atomic", "rss_mb", "steady_samples_per_s"]
 
 
 def strict_json(obj: Any) -> Any:
@@ -32,20 +32,25 @@ def dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(strict_json(obj), indent=indent, allow_nan=False)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write strict JSON to a temporary file, flush, fsync and rename over ``path``; on any failure (a full disk)
-    the temporary file is removed and the error raised."""
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to a temporary file beside ``path`` (``.<name>.<pid>.tmp``), flush, fsync and rename over
+    ``path``; on any failure (a full disk) the temporary file is removed and the error raised."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(dumps(obj, indent=2))
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Strict JSON (:func:`dumps`) to ``path``, atomically (:func:`write_atomic`)."""
+    write_atomic(path, dumps(obj, indent=2).encode())
 
 
 def rss_mb() -> float:
