@@ -327,7 +327,7 @@ def stage_run(task: PipelineTask, config: PipelineConfig) -> Iterator[StageRun]:
         LaunchError: outside torchrun or with a world size other than ``config.stages``.
     """
     stages, shapes = prepare(task, config)
-    env = init_stage(config.stages, config.devices)
+    env = init_stage(config.stages, config.devices, config.bind)
     setup_logging(env.rank)
     torch.set_num_threads(config.threads_per_stage)
     run = StageRun(task, config, env, stages, shapes, AbortWatchdog(env, peer_timeout=config.peer_timeout))

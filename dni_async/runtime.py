@@ -12,10 +12,13 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .netif import interface_of
 
 __all__ = ["LaunchError", "StageEnv", "init_stage", "resolve_device", "await_key", "gather_json", "AbortWatchdog",
            "shutdown"]
@@ -25,6 +28,11 @@ ABORT_KEY = "dni_async/abort"
 HEARTBEAT_KEY = "dni_async/heartbeat"
 DONE_KEY = "dni_async/done"
 PROCESS_KEY = "dni_async/process"
+STORE_GRACE_S = 5.0
+"""How much longer than ``--peer-timeout`` a store call may block before the store counts as lost."""
+GUARD_POLL_S = 0.5
+END_GRACE_S = 2.0
+"""How long an ending that lost the store may take before the process exits anyway."""
 
 
 class LaunchError(RuntimeError):
@@ -67,8 +75,14 @@ def resolve_device(spec: str | None, local_rank: int) -> torch.device:
     return torch.device("cuda", int(index))
 
 
-def init_stage(stages: int, devices: list[str] | None, timeout_s: float = 120.0) -> StageEnv:
-    """Read the torchrun environment, check it against ``stages``, start the gloo control plane.
+def init_stage(stages: int, devices: list[str] | None, bind_host: str = "127.0.0.1",
+               timeout_s: float = 120.0) -> StageEnv:
+    """Read the torchrun environment, check it against ``stages``, start the gloo control plane on ``bind_host``'s
+    interface (``--bind``: the address the other hosts reach this one at).
+
+    gloo listens on the interface ``GLOO_SOCKET_IFNAME`` names, else on the address this host's name resolves to:
+    inside a network namespace, or on a host whose name maps to 127.0.0.1, that is loopback, and the other host's
+    connect is refused. So the interface that holds ``bind_host`` is named for it, unless the user named one.
 
     Raises:
         LaunchError: outside torchrun, or when the world size is not ``stages``.
@@ -84,9 +98,37 @@ def init_stage(stages: int, devices: list[str] | None, timeout_s: float = 120.0)
             f"`torchrun --standalone --nproc-per-node {stages} launch/pipeline.py --stages {stages} ...` "
             f"or `python launch/pipeline.py --stages {stages} ...`, which starts them itself")
     device = resolve_device(devices[rank] if devices else None, local_rank)
+    if "GLOO_SOCKET_IFNAME" not in os.environ and (interface := interface_of(bind_host)):
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     store = dist.distributed_c10d._get_default_store()
     return StageEnv(rank, world, local_rank, device, store, socket.gethostname())
+
+
+def process_space() -> str:
+    """Where a pid means this process's pid: the kernel (its boot id), pid namespace and network namespace. Two
+    stages report the same only where one can signal the other's pid; stages in another network namespace count
+    as another host (as in the two-host tests), so that a watchdog never kills across what stands for a host."""
+    parts = []
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    for ns in ("pid", "net"):
+        with contextlib.suppress(OSError):
+            parts.append(os.readlink(f"/proc/self/ns/{ns}"))
+    return "/".join(parts) or socket.gethostname()
+
+
+def is_local_address(host: str) -> bool:
+    """Whether ``host`` is an address of this host (a socket can bind to it)."""
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, kind, proto, _, address in infos:
+        with contextlib.suppress(OSError), socket.socket(family, kind, proto) as probe:
+            probe.bind(address)
+            return True
+    return False
 
 
 def await_key(store: dist.Store, key: str, poll_s: float = 0.02) -> bytes:
@@ -149,6 +191,14 @@ class AbortWatchdog:
     beat, stays below ``peer_timeout``, so no healthy peer is blamed for it. A
     stopped peer is still named within about ``peer_timeout``: the watchdogs
     of the stages that run keep their rounds meanwhile.
+
+    Two more ways a stage learns that the run is over. Its parent, torchrun's
+    agent, is gone (``kill -9``: torchrun starts every worker in a session of
+    its own, so nothing else ends it): it reports that and ends. The store
+    stops answering (a link down to the host that holds it: a store call then
+    blocks without an error, for as long as TCP retries): a second thread ends
+    the stage once a round has waited ``peer_timeout + STORE_GRACE_S``
+    (:meth:`_guard_store`).
     """
 
     def __init__(self, env: StageEnv, on_abort: Any = None, interval: float = 0.2, peer_timeout: float = 60.0,
@@ -164,10 +214,15 @@ class AbortWatchdog:
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (last counter value, when it last moved)
         self._next_beat = 0.0
         self._last_round: float | None = None  # when the previous round's store calls ended
+        self.store_timeout = peer_timeout + STORE_GRACE_S
+        self._round_began: float | None = None  # when the current round's store calls began (None between rounds)
+        self._guard = threading.Thread(target=self._guard_store, name="store-guard", daemon=True)
+        self._agent = os.getppid()  # torchrun's agent on this host (or whoever started this process)
 
     def start(self) -> AbortWatchdog:
-        self.env.store.set(f"{PROCESS_KEY}/{self.env.rank}", json.dumps({"host": self.env.host, "pid": os.getpid()}))
+        self.env.store.set(f"{PROCESS_KEY}/{self.env.rank}", json.dumps({"space": process_space(), "pid": os.getpid()}))
         self._thread.start()
+        self._guard.start()
         return self
 
     def report(self, error: BaseException | str, stage: int | None = None) -> None:
@@ -188,6 +243,11 @@ class AbortWatchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            if os.getppid() != self._agent:
+                error = f"this host's torchrun agent (pid {self._agent}) is gone"
+                self.report(error)
+                self._exit({"stage": self.env.rank, "error": error})
+            self._round_began = time.monotonic()
             try:
                 self._beat()
                 if not self.env.store.check([ABORT_KEY]):
@@ -195,9 +255,42 @@ class AbortWatchdog:
                 info = json.loads(self.env.store.get(ABORT_KEY).decode())
             except Exception:  # noqa: BLE001 - store gone: the agent is tearing the run down
                 info = {"stage": "?", "error": "the torchrun store is gone (agent or rank 0 died)"}
+            finally:
+                self._round_began = None
             if self._stop.is_set() or info.get("stage") == self.env.rank:
                 return
             self._exit(info)
+
+    def _guard_store(self) -> None:
+        """End this process when a round's store calls have not returned for ``store_timeout``: the store's host
+        is unreachable (a link down: the calls block without an error, however short the store's timeout) or
+        its agent is stopped. Every stage's ending, the watchdog's included, talks to the store, so the ending
+        runs in a thread of its own and the process exits ``END_GRACE_S`` later whatever it still waits for
+        (the stage file is written before any store call). Time this process itself was stopped does not count.
+        """
+        excused = last = time.monotonic()
+        poll = min(GUARD_POLL_S, self.pause_s / 4)  # well below a pause, so that its own polls never look like one
+        while not self._stop.wait(poll):
+            now = time.monotonic()
+            if now - last > self.pause_s:  # this process was stopped: the wait was not the store's
+                excused = now
+            last = now
+            began = self._round_began
+            if began is None or now - max(began, excused) <= self.store_timeout:
+                continue
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            info = {"stage": "?", "error": f"the torchrun store at {where} has not answered for "
+                                           f"{now - max(began, excused):.0f} s (its host is unreachable, or its "
+                                           f"agent is stopped)"}
+            threading.Thread(target=self._exit, args=(info,), name="store-lost", daemon=True).start()
+            if "TORCHELASTIC_RUN_ID" in os.environ and not is_local_address(os.environ.get("MASTER_ADDR", "127.0.0.1")):
+                # the store is on another host: this host's agent is blocked in its own calls to it (its rendezvous
+                # keeps asking it) and would wait for TCP to give up, many minutes; end it with its stages
+                log.error("ending this host's torchrun agent (pid %d): it cannot reach the store either", self._agent)
+                with contextlib.suppress(OSError):
+                    os.kill(self._agent, signal.SIGKILL)
+            time.sleep(END_GRACE_S)
+            os._exit(1)
 
     def _beat(self) -> None:
         """Beat once a ``beat_s``; report a stage whose counter has not moved for ``peer_timeout``, unless more
@@ -241,7 +334,7 @@ class AbortWatchdog:
         and torchrun would wait 30 s before its SIGKILL."""
         try:
             where = json.loads(self.env.store.get(f"{PROCESS_KEY}/{rank}").decode())
-            if where["host"] == self.env.host:
+            if where["space"] == process_space():
                 os.kill(int(where["pid"]), signal.SIGKILL)
                 log.error("killed the process of stage %d (pid %d)", rank, where["pid"])
         except Exception as err:  # noqa: BLE001 - best effort: torchrun's agent on its host ends it too

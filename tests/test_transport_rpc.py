@@ -18,6 +18,7 @@ import torch
 import torch.distributed.rpc as torch_rpc
 from torch.distributed import TCPStore
 
+from dni_async.netif import interface_of
 from dni_async.transport import Message, PeerLost, TransportOptions, make_transport, rpc_hub
 from dni_async.transport import rpc as rpc_transport
 
@@ -184,3 +185,10 @@ def test_tensorpipe_listener_follows_a_loopback_bind(caplog: pytest.LogCaptureFi
     caplog.set_level(logging.WARNING, logger="dni_async.transport")
     assert rpc_transport.listener_env("0.0.0.0", {}) == {}
     assert "use rpc only on a trusted network" in caplog.text
+
+
+def test_an_address_of_no_interface_names_none() -> None:
+    loopback = "lo" if "lo" in [n for _, n in socket.if_nameindex()] else "lo0"
+    assert interface_of("localhost") == interface_of("127.0.0.1") == loopback
+    assert interface_of("0.0.0.0") is None and interface_of("203.0.113.7") is None  # TEST-NET-3: on no interface
+    assert interface_of("no-such-host.invalid") is None

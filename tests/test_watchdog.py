@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -144,6 +145,80 @@ def test_the_first_failure_reported_stays_the_one_every_stage_reads() -> None:
     first.report(RuntimeError("injected failure"))
     second.report("PeerLost: lost stage 1")
     assert json.loads(store.get(ABORT_KEY)) == {"stage": 1, "error": "RuntimeError: injected failure"}
+
+
+class _Exited(BaseException):
+    """Raised by the stand-in for ``os._exit``: ends the thread that called it."""
+
+
+def _real_watchdog(monkeypatch: pytest.MonkeyPatch, store: Any) -> tuple[AbortWatchdog, list[Any], threading.Event]:
+    """A watchdog with real threads and clock, whose ``os._exit`` records the call and ends its thread."""
+    ended, aborts = threading.Event(), []
+
+    def fake_exit(code: int) -> None:
+        ended.set()
+        raise _Exited
+
+    monkeypatch.setattr(runtime.os, "_exit", fake_exit)
+    monkeypatch.setattr(runtime, "STORE_GRACE_S", 0.5)
+    monkeypatch.setattr(runtime, "END_GRACE_S", 0.1)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None if args.exc_type is _Exited else print(args))
+    wd = AbortWatchdog(StageEnv(0, 2, 0, torch.device("cpu"), store, "host"), on_abort=aborts.append,
+                       peer_timeout=1.0)
+    return wd, aborts, ended
+
+
+class HangingStore:
+    """A store whose ``add`` blocks once ``hang`` is set, as over a link that went down (no error, no answer)."""
+
+    def __init__(self) -> None:
+        self.store = torch.distributed.HashStore()
+        self.hang, self.release = threading.Event(), threading.Event()
+
+    def add(self, key: str, value: int) -> int:
+        if self.hang.is_set():
+            self.release.wait()
+        return int(self.store.add(key, value))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_a_store_that_stops_answering_ends_the_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = HangingStore()
+    wd, aborts, ended = _real_watchdog(monkeypatch, store)
+    try:
+        wd.start()
+        time.sleep(0.5)
+        assert not ended.is_set()
+        store.hang.set()
+        hung = time.monotonic()
+        assert ended.wait(10), "the stage did not end"
+        took = time.monotonic() - hung
+    finally:
+        store.release.set()
+        wd.stop()
+        for thread in threading.enumerate():  # none may call the next test's stand-in for os._exit
+            if thread.name in ("abort-watchdog", "store-guard", "store-lost"):
+                thread.join(5)
+    assert 1.5 <= took <= 1.5 + 2 * runtime.GUARD_POLL_S + 0.3 + 1.0, took  # peer_timeout + grace, + poll and end
+    assert "has not answered for" in aborts[0]["error"]
+
+
+def test_a_stage_whose_agent_is_gone_reports_it_and_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = torch.distributed.HashStore()
+    wd, aborts, ended = _real_watchdog(monkeypatch, store)
+    error = f"this host's torchrun agent (pid {os.getppid()}) is gone"
+    try:
+        wd.start()
+        time.sleep(0.5)
+        assert not ended.is_set()
+        monkeypatch.setattr(runtime.os, "getppid", lambda: 1)
+        assert ended.wait(5), "the stage did not end"
+    finally:
+        wd.stop()
+    assert aborts == [{"stage": 0, "error": error}]
+    assert json.loads(store.get(ABORT_KEY)) == {"stage": 0, "error": error}
 
 
 def _stage_files(run: Path) -> list[dict[str, Any]]:

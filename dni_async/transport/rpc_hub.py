@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import os
 import socket
@@ -20,6 +19,7 @@ import torch.distributed.rpc as rpc
 from torch.distributed.rpc import api as rpc_api
 from torch.distributed.rpc import internal as rpc_internal
 
+from ..netif import interface_of
 from .base import DIRECTIONS, RejectLog, TransportOptions
 from .rpc_receiver import _NO_STAGE, RpcReceiver
 
@@ -64,27 +64,23 @@ _LAST_DELIVERY = [0.0]  # when a deliver kernel last returned (monotonic)
 
 
 def listener_env(bind_host: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """Environment that keeps TensorPipe's listener where ``--bind`` says, as far as TensorPipe allows.
+    """Environment that keeps TensorPipe's listener on ``--bind``'s interface.
 
     TensorPipe listens on the interface named by ``TP_SOCKET_IFNAME``, else on
     the address this host's name resolves to, whatever ``--bind`` says; and
     malformed bytes sent to that listener abort the process (``std::bad_alloc``
-    inside TensorPipe, seen here), so it must not be reachable by accident. A
-    loopback bind pins it to the loopback interface; a variable the user set is
-    left alone. Returns the variables to set (none, or ``TP_SOCKET_IFNAME``).
+    inside TensorPipe, seen here), so it must not be reachable by accident. The
+    interface that holds the ``--bind`` address is named; a variable the user set
+    is left alone. Returns the variables to set (none, or ``TP_SOCKET_IFNAME``).
     """
     if "TP_SOCKET_IFNAME" in environ:
         return {}
-    try:
-        loopback = bind_host == "localhost" or ipaddress.ip_address(bind_host.strip("[]")).is_loopback
-    except ValueError:  # a host name
-        loopback = False
-    names = [name for _, name in socket.if_nameindex()]
-    if loopback and (lo := next((n for n in ("lo", "lo0") if n in names), None)):
-        return {"TP_SOCKET_IFNAME": lo}
-    logger.warning("rpc transport: TensorPipe listens on the interface of this host's name, which --bind %s does "
-                   "not change (set TP_SOCKET_IFNAME to choose it); malformed bytes sent to it abort the process, so "
-                   "use rpc only on a trusted network (the zmq transport has no such failure)", bind_host)
+    name = interface_of(bind_host)
+    if name:
+        return {"TP_SOCKET_IFNAME": name}
+    logger.warning("rpc transport: no interface here holds --bind %s, so TensorPipe listens on the interface of "
+                   "this host's name (set TP_SOCKET_IFNAME to choose it); malformed bytes sent to it abort the "
+                   "process, so use rpc only on a trusted network (the zmq transport has no such failure)", bind_host)
     return {}
 
 
