@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import netns
 import pytest
 import torch
 from helpers import LAUNCH, SMALL, SUBSET, finish, kill_group, ok, read_json, stages, start
@@ -246,3 +247,21 @@ def test_a_killed_agent_ends_both_hosts_and_backprop_resumes_bit_for_bit(hosts: 
         assert a["step"] == b["step"] == 3000
         torch.testing.assert_close(a["block"], b["block"], rtol=0, atol=0)
         torch.testing.assert_close(a["opt"]["state"], b["opt"]["state"], rtol=0, atol=0)
+
+
+def test_a_killed_runs_namespaces_are_removed_at_the_next_start() -> None:
+    """A pair left by a test run that was killed (its pid gone) is removed; one of a live run is left alone."""
+    if netns.missing():
+        pytest.skip(netns.missing())
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead, live = f"{netns.PREFIX}{gone.pid}x1a", f"{netns.PREFIX}{os.getpid()}x99a"
+    try:
+        for name in (dead, live):
+            subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+        assert dead in netns.remove_leftovers()
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+        assert dead not in listed and live in listed
+    finally:
+        for name in (dead, live):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
