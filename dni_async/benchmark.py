@@ -24,11 +24,14 @@ from typing import Any, Callable
 import torch
 
 from .config import MODES, SG_KINDS, PipelineConfig, config_from_args
+from .link_probe import Link, measure_link
 from .metrics import write_json_atomic
+from .schedule_model import predict
 from .stage_cost import stage_step_times
 from .task import PipelineTask
 
-__all__ = ["BENCH_MODES", "BenchmarkSpec", "environment", "parse_label", "time_to_target", "run_benchmark"]
+__all__ = ["BENCH_MODES", "BenchmarkSpec", "environment", "job_config", "parse_label", "time_to_target",
+           "run_benchmark"]
 
 log = logging.getLogger("dni_async.benchmark")
 BENCH_MODES = (*MODES, "single")
@@ -113,12 +116,28 @@ def _job_args(spec: BenchmarkSpec, label: str) -> list[str]:
     return ["--stages", str(spec.stages), "--mode", mode, *spec.flags, *extra]
 
 
+def job_config(spec: BenchmarkSpec, label: str) -> PipelineConfig:
+    """The config of an entry's job (not ``single``)."""
+    return config_from_args(_job_args(spec, label))
+
+
 def _cost_args(spec: BenchmarkSpec, label: str) -> list[str]:
     """The flags whose stage work an entry does: its own, or locked backprop's for the pipelining schedules (the
     same block work, split into microbatches)."""
     if parse_label(label)[0] == "single" or config_from_args(_job_args(spec, label)).method.pipelining:
         return _job_args(spec, "backprop")
     return _job_args(spec, label)
+
+
+def _micro_args(spec: BenchmarkSpec, label: str) -> list[str] | None:
+    """The pipelining schedules' stage work as the model needs it: locked backprop's on one microbatch; None for
+    the other entries."""
+    if parse_label(label)[0] == "single":
+        return None
+    config = config_from_args(_job_args(spec, label))
+    if not config.method.pipelining:
+        return None
+    return [*_job_args(spec, "backprop"), "--batch-size", str(config.batch_size // config.microbatches)]
 
 
 def _run_job(spec: BenchmarkSpec, mode: str, run_dir: Path) -> dict[str, Any]:
@@ -146,7 +165,9 @@ def _run_job(spec: BenchmarkSpec, mode: str, run_dir: Path) -> dict[str, Any]:
 def _stage_costs(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], PipelineTask]) -> dict[tuple, list[dict]]:
     """Each stage's isolated step time for every kind of stage work the entries need, keyed by their flags."""
     costs: dict[tuple, list[dict[str, Any]]] = {}
-    for args in sorted({tuple(_cost_args(spec, m)) for m in spec.modes if m != "single"}):
+    kinds = {tuple(_cost_args(spec, m)) for m in spec.modes if m != "single"}
+    kinds |= {tuple(micro) for m in spec.modes if (micro := _micro_args(spec, m)) is not None}
+    for args in sorted(kinds):
         config = config_from_args(list(args))
         costs[args] = stage_step_times(get_task(config), config, repeats=spec.isolation_repeats)
         log.info("isolated step times, %s %s: %s", config.mode, config.sg if config.method.has_sg else "",
@@ -154,18 +175,31 @@ def _stage_costs(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], Pipel
     return costs
 
 
-def _ideal(spec: BenchmarkSpec, rounds: list[dict[tuple, list[dict]]]) -> dict[str, Any]:
-    """Per mode: each stage's isolated step time (median over the rounds) and ``batch / max`` of them."""
+def _medians(spec: BenchmarkSpec, rounds: list[dict[tuple, list[dict]]], kind: tuple) -> list[dict[str, Any]]:
+    """Each stage's isolated figures of one kind of stage work, medians over the rounds."""
+    keys = [k for k in rounds[0][kind][0] if k != "stage"]
+    return [{key: statistics.median(r[kind][i][key] for r in rounds) for key in keys} | {"stage": i}
+            for i in range(spec.stages)]
+
+
+def _ideal(spec: BenchmarkSpec, rounds: list[dict[tuple, list[dict]]], link: Link | None,
+           cores: int) -> dict[str, Any]:
+    """Per mode: each stage's isolated step time (median over the rounds), ``batch / max`` of them, and the
+    schedule model's prediction from them (``dni_async.schedule_model``) with ``link`` on ``cores`` cores."""
     batch = config_from_args(["--stages", str(spec.stages), *spec.flags]).batch_size
     out: dict[str, Any] = {}
     for mode in spec.modes:
         kind = tuple(_cost_args(spec, mode))
         if mode == "single" or not rounds:
-            out[mode] = {"stage_step_s": None, "ideal": None}
+            out[mode] = {"stage_step_s": None, "ideal": None, "microbatch": None, "predicted": None}
             continue
-        stages = [{key: statistics.median(r[kind][i][key] for r in rounds) for key in ("step_s", "sg_s")} | {"stage": i}
-                  for i in range(spec.stages)]
-        out[mode] = {"stage_step_s": stages, "ideal": batch / max(c["step_s"] for c in stages)}
+        assert link is not None, "the link is measured whenever a mode has stages"
+        stages = _medians(spec, rounds, kind)
+        micro = _micro_args(spec, mode)
+        micro_costs = _medians(spec, rounds, tuple(micro)) if micro is not None else None
+        predicted = predict(job_config(spec, mode), micro_costs or stages, link, cores=cores)
+        out[mode] = {"stage_step_s": stages, "ideal": batch / max(c["step_s"] for c in stages),
+                     "microbatch": micro_costs, "predicted": predicted.samples_per_s}
     return out
 
 
@@ -185,6 +219,11 @@ def run_benchmark(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], Pipe
     env = environment(base.threads_per_stage, spec.stages)
     on_job(f"environment: {json.dumps(env)}")
     rounds = []
+    link, cores = None, len(os.sched_getaffinity(0))
+    if any(m != "single" for m in spec.modes):
+        link = measure_link(base.transport)
+        on_job(f"link between two stages ({base.transport}): {link.latency_s * 1e6:.0f} us latency, "
+               f"{link.bandwidth_bps / 1e9:.2f} GB/s")
     summaries: dict[str, list[dict[str, Any]]] = {m: [] for m in spec.modes}
     dirs: dict[str, list[str]] = {m: [] for m in spec.modes}
     total, done = spec.repeats * len(spec.modes), 0
@@ -201,7 +240,7 @@ def run_benchmark(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], Pipe
             acc = (summary.get("final_eval") or {}).get("accuracy")
             on_job(f"[{done}/{total}] {mode} repeat {repeat}: {summary['samples_per_s'] or 0:,.0f} samples/s, "
                    f"final accuracy {acc}, {time.perf_counter() - start:.1f} s")
-    ideal = _ideal(spec, rounds)
+    ideal = _ideal(spec, rounds, link, cores)
     runs = []
     for mode in spec.modes:
         rates = [s["samples_per_s"] for s in summaries[mode]]
@@ -214,12 +253,14 @@ def run_benchmark(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], Pipe
             "mode": mode, "stages": 1 if parse_label(mode)[0] == "single" else spec.stages,
             "samples_per_s": round(rate, 1), "samples_per_s_all": [round(r, 1) for r in rates],
             "ideal_samples_per_s": round(ideal[mode]["ideal"], 1) if ideal[mode]["ideal"] else None,
+            "predicted_samples_per_s": round(ideal[mode]["predicted"], 1) if ideal[mode]["predicted"] else None,
             "efficiency": round(rate / ideal[mode]["ideal"], 3) if ideal[mode]["ideal"] else None,
             "time_to_target_s": _median_or_none(ttt), "time_to_target_s_all": ttt,
             "final_accuracy": statistics.median(a for a in finals if a is not None) if any(
                 a is not None for a in finals) else None,
             "final_accuracy_all": finals, "per_stage_busy_fraction": [round(b, 4) for b in busy],
-            "stage_step_s": ideal[mode]["stage_step_s"], "steps": summaries[mode][0]["steps"],
+            "stage_step_s": ideal[mode]["stage_step_s"], "stage_microbatch_s": ideal[mode]["microbatch"],
+            "steps": summaries[mode][0]["steps"],
             "run_dir": dirs[mode][0], "run_dirs": dirs[mode],
         })
     ratios: dict[str, dict[str, float | None]] = {"samples_per_s": {}, "time_to_target_s": {}}
@@ -234,6 +275,7 @@ def run_benchmark(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], Pipe
     results = {"env": env, "config": {"modes": spec.modes, "stages": spec.stages, "flags": spec.flags,
                                       "repeats": spec.repeats, "target_accuracy": spec.target_accuracy,
                                       "batch_size": base.batch_size, "task": base.task},
-               "runs": runs, "ratios": ratios}
+               "runs": runs, "ratios": ratios,
+               "model": {"link": link.to_dict() if link is not None else None, "cores": cores}}
     write_json_atomic(spec.out / "results.json", results)
     return results

@@ -24,6 +24,10 @@ __all__ = ["stage_step_times"]
 
 SG_ACTIONS = ("sg_predicted", "sg_update")
 """Trace events whose spans are the SG's work (see ``dni_async.trace``)."""
+PARTS = {"forward": "forward_s", "act_sent": "forward_s", "sg_predicted": "sg_predict_s", "sg_update": "sg_update_s"}
+"""Which part of a step each event's span is. Every other span but the input's is ``backward_s``: the loss, the
+backward passes, optimizer steps, sending the input's gradient. The span that ends at an ``input`` event is the
+time between two steps, where the other stages take their turns: not counted."""
 
 
 def _interleaved_medians(fns: list[Callable[[], None]], repeats: int, warmup: int) -> list[float]:
@@ -56,16 +60,41 @@ def _sg_seconds(events: list[dict[str, Any]], steps: int) -> float:
     return total / max(1, steps)
 
 
-def _answer_with(gradients: dict[torch.Size, torch.Tensor], source: int) -> Callable[[Message], Message | None]:
-    """Answer each activation sent forward with a fixed gradient of its shape, as the next stage would."""
+def _parts(events: list[dict[str, Any]], step_s: float) -> dict[str, float]:
+    """``step_s`` split into :data:`PARTS` by the share of each kind of span in the traced steps."""
+    sums = dict.fromkeys(("forward_s", "backward_s", "sg_predict_s", "sg_update_s"), 0.0)
+    for a, b in zip(events, events[1:]):
+        if b["event"] != "input":
+            sums[PARTS.get(b["event"], "backward_s")] += b["t"] - a["t"]
+    total = sum(sums.values())
+    return {k: step_s * v / total if total > 0 else 0.0 for k, v in sums.items()}
+
+
+def _answer_with(gradients: dict[torch.Size, torch.Tensor], source: int, answers: bool,
+                 sent: dict[str, int]) -> Callable[[Message], Message | None]:
+    """Note the bytes of each message kind sent (``sent``); if ``answers``, answer each activation sent forward
+    with a fixed gradient of its shape, as the next stage would."""
     def answer(msg: Message) -> Message | None:
-        if msg.kind != "act":
+        sent[msg.kind] = sum(t.nbytes for t in msg.tensors)
+        if msg.kind != "act" or not answers:
             return None
         h = msg.tensors[0]
         grad = gradients.setdefault(h.shape, torch.randn(h.shape) / h.shape[0])
         return Message("grad", msg.step, source, [grad])
 
     return answer
+
+
+def _optimizer_seconds(worker: StageWorker, repeats: int) -> float:
+    """Median seconds of one step of the block's optimizer (on zero gradients: the same arithmetic)."""
+    params = [p for p in worker.io.block.parameters() if p.requires_grad]
+
+    def step() -> None:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        worker.io.opt.step()
+
+    return _interleaved_medians([step], repeats, 1)[0]
 
 
 def stage_step_times(task: PipelineTask, config: PipelineConfig, repeats: int = 20,
@@ -84,36 +113,53 @@ def stage_step_times(task: PipelineTask, config: PipelineConfig, repeats: int = 
 
     Returns:
         Per stage: ``stage``, ``step_s`` (all of it), ``sg_s`` (the SG's part: its mean over the steps, from the
-        trace; 0 without an SG).
+        trace; 0 without an SG); ``step_s`` split by the trace into ``forward_s`` (up to the activation's send),
+        ``sg_predict_s``, ``sg_update_s`` and ``backward_s`` (the rest); ``optimizer_s`` (one step of the block's
+        optimizer, timed apart; also inside ``backward_s``); ``act_bytes`` and ``grad_bytes`` (the tensors of
+        the activation message it sends forward and of the gradient it sends back; 0 where it sends none);
+        ``input_s`` (stage 0: reading the next batch from the task's data, outside the step).
     """
     torch.set_num_threads(config.threads_per_stage)
     stages, shapes = validate(task, config)
     config = dataclasses.replace(config, log_every=10**9, snapshot_every=0, eval_every=0, checkpoint_every=0,
                                  save_grads_step=None, slow_stage={}, fail_stage={}, resume=None)
-    x, y, _ = unpack(next(iter(task.data()[0])))
+    batches = iter(task.data()[0])
+    x, y, _ = unpack(next(batches))
+
+    def read() -> None:
+        unpack(next(batches))
+
+    input_s = _interleaved_medians([read], repeats, 1)[0]
     per_example = [tuple(s[1:]) for s in shapes]
     metrics = JsonLines(Path(os.devnull))
     gradients: dict[torch.Size, torch.Tensor] = {}
     fns: list[Callable[[], None]] = []
     sinks: list[_Events] = []
+    workers: list[StageWorker] = []
+    sent: list[dict[str, int]] = []
     for i, stage in enumerate(stages):
         last = i == len(stages) - 1
-        answers = not last and config.method.sends_gradients
-        transport = MemoryTransport(i, len(stages), _answer_with(gradients, i + 1) if answers else None, record=False)
+        sent.append({})
+        answer = _answer_with(gradients, i + 1, not last and config.method.sends_gradients, sent[-1])
+        transport = MemoryTransport(i, len(stages), answer, record=False)
         sinks.append(_Events())
-        worker = StageWorker(i, len(stages), copy.deepcopy(stage), transport, config, torch.device("cpu"), task,
-                             per_example, metrics, sinks[-1])
+        workers.append(StageWorker(i, len(stages), copy.deepcopy(stage), transport, config, torch.device("cpu"),
+                                   task, per_example, metrics, sinks[-1]))
         inp = x if i == 0 else torch.randn(x.shape[0], *shapes[i - 1][1:])
-        fns.append(_stepper(worker, inp, y))
+        fns.append(_stepper(workers[-1], inp, y))
     medians = _interleaved_medians(fns, repeats, warmup)
     metrics.close()
-    return [{"stage": i, "step_s": median, "sg_s": _sg_seconds(sink.events, repeats + warmup)}
-            for i, (median, sink) in enumerate(zip(medians, sinks))]
+    return [{"stage": i, "step_s": median, "sg_s": _sg_seconds(sink.events, repeats + warmup),
+             **_parts(sink.events, median), "optimizer_s": _optimizer_seconds(worker, repeats),
+             "act_bytes": out.get("act", 0), "grad_bytes": out.get("grad", 0), "input_s": input_s if i == 0 else 0.0}
+            for i, (median, sink, worker, out) in enumerate(zip(medians, sinks, workers, sent))]
 
 
 def _stepper(worker: StageWorker, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One more training step of ``worker`` on the same batch (its events flushed to its sink)."""
+    """One more training step of ``worker`` on the same batch, traced from its input on as the loop does (its
+    events flushed to its sink)."""
     def step() -> None:
+        worker.trace("X", worker.stats.steps)
         worker.train_step(worker.stats.steps, x, y, {})
         worker.trace.flush()
 

@@ -11,8 +11,8 @@ import torch
 from helpers import ROOT, SUBSET, finish, start
 from torch import nn
 
-from dni_async.benchmark import _median_or_none, parse_label, time_to_target
-from dni_async.config import PipelineConfig
+from dni_async.benchmark import BenchmarkSpec, _median_or_none, _micro_args, job_config, parse_label, time_to_target
+from dni_async.config import PipelineConfig, config_from_args
 from dni_async.plots import stage_intervals
 from dni_async.snapshots import Snapshots, accuracy_curve
 
@@ -101,6 +101,16 @@ def test_benchmark_entries_name_a_mode_and_optionally_an_sg() -> None:
         parse_label("fast")
 
 
+def test_the_model_costs_pipelining_as_backprop_on_one_microbatch() -> None:
+    spec = BenchmarkSpec(modes=["gpipe", "dni"], stages=2, out=Path("."), entry=Path("."),
+                         flags=["--batch-size", "64", "--microbatches", "4"])
+    micro = _micro_args(spec, "gpipe")
+    assert micro is not None and job_config(spec, "gpipe").mode == "gpipe"
+    config = config_from_args(micro)
+    assert (config.mode, config.batch_size, config.stages) == ("backprop", 16, 2)
+    assert _micro_args(spec, "dni") is None and _micro_args(spec, "single") is None
+
+
 @pytest.mark.process
 def test_quick_benchmark_writes_results_and_plots(tmp_path: Path) -> None:
     """Each kind of entry once. GPipe and 1F1B compute the same thing in another order, and so do locked backprop
@@ -127,7 +137,9 @@ def test_quick_benchmark_writes_results_and_plots(tmp_path: Path) -> None:
             assert summary["curve"][-1]["accuracy"] == pytest.approx(summary["final_eval"]["accuracy"])
         if mode == "single":
             assert r["ideal_samples_per_s"] is None and r["efficiency"] is None
+            assert r["predicted_samples_per_s"] is None
         else:
+            assert r["predicted_samples_per_s"] > 0
             assert r["ideal_samples_per_s"] > 0 and r["efficiency"] == pytest.approx(
                 r["samples_per_s"] / r["ideal_samples_per_s"], rel=1e-2)
             assert len(r["stage_step_s"]) == 2
