@@ -123,15 +123,16 @@ def test_four_stages_over_two_hosts_train_like_one_host(hosts: tuple[Host, Host]
         stage_pids[info["pid"]] = host.address
     # every forward activation of stage 1 (batch x hidden float32 a step) left host A over the veth
     assert veth_tx_bytes(hosts[0]) - tx_before > 1000 * 64 * 64 * 4
-    stage_listeners = {(addr, local) for addr, local, pid in listeners.seen if pid in stage_pids}
-    assert stage_listeners and all(local.rsplit(":", 1)[0] == addr for addr, local in stage_listeners), \
-        stage_listeners
-    # besides the stages, only host A's agent listens: torchrun's rendezvous store and the workers' store, on
-    # every address of its host (torchrun's own, see docs/security.md)
-    others = {(addr, local, pid) for addr, local, pid in listeners.seen if pid not in stage_pids}
-    assert {(addr, pid) for addr, _, pid in others} == {(hosts[0].address, agents[0])}, others
-    assert (hosts[0].address, f"*:{PORT}", agents[0]) in others and all(local.startswith("*:") for _, local, _ in
-                                                                        others), others
+    # the stages listen on their host's address only; besides them, only host A's agent listens: torchrun's
+    # rendezvous store and the workers' store, on every address of its host (torchrun's own, see docs/security.md).
+    # A socket sampled as its process ends may have no owner in `ss`: it too must be on its host's address.
+    assert {pid for _, _, pid in listeners.seen} >= set(stage_pids), listeners.seen
+    for addr, local, pid in listeners.seen:
+        if pid == agents[0]:
+            assert addr == hosts[0].address and local.startswith("*:"), (addr, local)
+        else:
+            assert local.rsplit(":", 1)[0] == addr, (addr, local, pid)
+    assert (hosts[0].address, f"*:{PORT}", agents[0]) in listeners.seen
 
 
 def test_curve_across_hosts_with_each_hosts_own_secret_keys(hosts: tuple[Host, Host], tmp_path: Path) -> None:
