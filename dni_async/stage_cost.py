@@ -22,12 +22,11 @@ from .transport.memory import MemoryTransport
 
 __all__ = ["stage_step_times"]
 
-SG_ACTIONS = ("sg_predicted", "sg_update")
-"""Trace events whose spans are the SG's work (see ``dni_async.trace``)."""
 PARTS = {"forward": "forward_s", "act_sent": "forward_s", "sg_predicted": "sg_predict_s", "sg_update": "sg_update_s"}
-"""Which part of a step each event's span is. Every other span but the input's is ``backward_s``: the loss, the
-backward passes, optimizer steps, sending the input's gradient. The span that ends at an ``input`` event is the
-time between two steps, where the other stages take their turns: not counted."""
+"""Which part of a step each trace event's span is (see ``dni_async.trace``); the SG's work is ``sg_*``. Every
+other span but the input's is ``backward_s``: the loss, the backward passes, optimizer steps, sending the input's
+gradient. The span that ends at an ``input`` event is the time between two steps, where the other stages take
+their turns: not counted."""
 
 
 def _interleaved_medians(fns: list[Callable[[], None]], repeats: int, warmup: int) -> list[float]:
@@ -54,20 +53,22 @@ class _Events:
         self.events.append(obj)
 
 
-def _sg_seconds(events: list[dict[str, Any]], steps: int) -> float:
-    """Seconds per step of SG work: the spans of the SG's actions (each from the previous event to its own)."""
-    total = sum(b["t"] - a["t"] for a, b in zip(events, events[1:]) if b["event"] in SG_ACTIONS)
-    return total / max(1, steps)
-
-
-def _parts(events: list[dict[str, Any]], step_s: float) -> dict[str, float]:
-    """``step_s`` split into :data:`PARTS` by the share of each kind of span in the traced steps."""
+def _span_sums(events: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds of each part of :data:`PARTS` over the traced steps (each span from the previous event to its own)."""
     sums = dict.fromkeys(("forward_s", "backward_s", "sg_predict_s", "sg_update_s"), 0.0)
     for a, b in zip(events, events[1:]):
         if b["event"] != "input":
             sums[PARTS.get(b["event"], "backward_s")] += b["t"] - a["t"]
+    return sums
+
+
+def _breakdown(events: list[dict[str, Any]], steps: int, step_s: float) -> dict[str, float]:
+    """``sg_s`` (seconds of SG work per step, its mean over ``steps``) and ``step_s`` split into the parts of
+    :data:`PARTS` by each part's share of the traced steps."""
+    sums = _span_sums(events)
     total = sum(sums.values())
-    return {k: step_s * v / total if total > 0 else 0.0 for k, v in sums.items()}
+    return {"sg_s": (sums["sg_predict_s"] + sums["sg_update_s"]) / max(1, steps),
+            **{k: step_s * v / total if total > 0 else 0.0 for k, v in sums.items()}}
 
 
 def _answer_with(gradients: dict[torch.Size, torch.Tensor], source: int, answers: bool,
@@ -149,8 +150,8 @@ def stage_step_times(task: PipelineTask, config: PipelineConfig, repeats: int = 
         fns.append(_stepper(workers[-1], inp, y))
     medians = _interleaved_medians(fns, repeats, warmup)
     metrics.close()
-    return [{"stage": i, "step_s": median, "sg_s": _sg_seconds(sink.events, repeats + warmup),
-             **_parts(sink.events, median), "optimizer_s": _optimizer_seconds(worker, repeats),
+    return [{"stage": i, "step_s": median, **_breakdown(sink.events, repeats + warmup, median),
+             "optimizer_s": _optimizer_seconds(worker, repeats),
              "act_bytes": out.get("act", 0), "grad_bytes": out.get("grad", 0), "input_s": input_s if i == 0 else 0.0}
             for i, (median, sink, worker, out) in enumerate(zip(medians, sinks, workers, sent))]
 
