@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="--costs: link bandwidth, GB/s (default: 2.5)")
     model.add_argument("--cores", type=float, default=None,
                        help="--costs: cores the stages share (default: one per stage)")
+    model.add_argument("--sharing-cost", type=float, default=1.0,
+                       help="--costs: CPU time of a step while more stages compute than --cores, over its time "
+                            "alone (the benchmark measures it: results.json's model.sharing_cost; default: 1.0)")
     model.add_argument("--out", type=Path, default=None,
                        help="write the predictions as JSON here (--what-if: a folder for what_if.json and "
                             "what_if.png)")
@@ -91,7 +94,8 @@ def _model(args: argparse.Namespace, flags: list[str]) -> None:
     elif args.costs is not None:
         config = config_from_args(flags)
         link = Link(args.latency_us * 1e-6, args.bandwidth_gbps * 1e9)
-        prediction = predict(config, json.loads(args.costs.read_text()), link, cores=args.cores)
+        prediction = predict(config, json.loads(args.costs.read_text()), link, cores=args.cores,
+                             sharing_cost=args.sharing_cost)
         out = {"mode": config.mode, "stages": config.stages, **prediction.to_dict()}
         print(markdown([out], ["mode", "stages", "samples_per_s", "step_s", "bubble", "busy"]))
     else:

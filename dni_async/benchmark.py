@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .config import MODES, SG_KINDS, PipelineConfig, config_from_args
+from .core_probe import measure_sharing
 from .link_probe import Link, measure_link
 from .metrics import write_json_atomic
 from .schedule_model import predict
@@ -183,9 +184,10 @@ def _medians(spec: BenchmarkSpec, rounds: list[dict[tuple, list[dict]]], kind: t
 
 
 def _ideal(spec: BenchmarkSpec, rounds: list[dict[tuple, list[dict]]], link: Link | None,
-           cores: int) -> dict[str, Any]:
+           cores: int, sharing: float) -> dict[str, Any]:
     """Per mode: each stage's isolated step time (median over the rounds), ``batch / max`` of them, and the
-    schedule model's prediction from them (``dni_async.schedule_model``) with ``link`` on ``cores`` cores."""
+    schedule model's prediction from them (``dni_async.schedule_model``) with ``link`` on ``cores`` cores, the
+    cost of sharing them ``sharing``."""
     batch = config_from_args(["--stages", str(spec.stages), *spec.flags]).batch_size
     out: dict[str, Any] = {}
     for mode in spec.modes:
@@ -197,7 +199,7 @@ def _ideal(spec: BenchmarkSpec, rounds: list[dict[tuple, list[dict]]], link: Lin
         stages = _medians(spec, rounds, kind)
         micro = _micro_args(spec, mode)
         micro_costs = _medians(spec, rounds, tuple(micro)) if micro is not None else None
-        predicted = predict(job_config(spec, mode), micro_costs or stages, link, cores=cores)
+        predicted = predict(job_config(spec, mode), micro_costs or stages, link, cores=cores, sharing_cost=sharing)
         out[mode] = {"stage_step_s": stages, "ideal": batch / max(c["step_s"] for c in stages),
                      "microbatch": micro_costs, "predicted": predicted.samples_per_s}
     return out
@@ -219,11 +221,13 @@ def run_benchmark(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], Pipe
     env = environment(base.threads_per_stage, spec.stages)
     on_job(f"environment: {json.dumps(env)}")
     rounds = []
-    link, cores = None, len(os.sched_getaffinity(0))
+    link, cores, sharing = None, len(os.sched_getaffinity(0)), 1.0
     if any(m != "single" for m in spec.modes):
-        link = measure_link(base.transport)
+        link = measure_link(base.transport, keep_memory=not base.system_malloc)
         on_job(f"link between two stages ({base.transport}): {link.latency_s * 1e6:.0f} us latency, "
                f"{link.bandwidth_bps / 1e9:.2f} GB/s")
+        sharing = measure_sharing(spec.stages, cores, base.threads_per_stage, keep_memory=not base.system_malloc)
+        on_job(f"{spec.stages} stages on {cores} cores: a step costs {sharing:.2f}x its CPU time alone")
     summaries: dict[str, list[dict[str, Any]]] = {m: [] for m in spec.modes}
     dirs: dict[str, list[str]] = {m: [] for m in spec.modes}
     total, done = spec.repeats * len(spec.modes), 0
@@ -240,7 +244,7 @@ def run_benchmark(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], Pipe
             acc = (summary.get("final_eval") or {}).get("accuracy")
             on_job(f"[{done}/{total}] {mode} repeat {repeat}: {summary['samples_per_s'] or 0:,.0f} samples/s, "
                    f"final accuracy {acc}, {time.perf_counter() - start:.1f} s")
-    ideal = _ideal(spec, rounds, link, cores)
+    ideal = _ideal(spec, rounds, link, cores, sharing)
     runs = []
     for mode in spec.modes:
         rates = [s["samples_per_s"] for s in summaries[mode]]
@@ -276,6 +280,7 @@ def run_benchmark(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], Pipe
                                       "repeats": spec.repeats, "target_accuracy": spec.target_accuracy,
                                       "batch_size": base.batch_size, "task": base.task},
                "runs": runs, "ratios": ratios,
-               "model": {"link": link.to_dict() if link is not None else None, "cores": cores}}
+               "model": {"link": link.to_dict() if link is not None else None, "cores": cores,
+                         "sharing_cost": sharing}}
     write_json_atomic(spec.out / "results.json", results)
     return results

@@ -84,6 +84,9 @@ class PipelineConfig:
     """Device of each stage (``cpu`` or a GPU id); None: GPU ``LOCAL_RANK`` when CUDA is available, else cpu."""
     threads_per_stage: int = 1
     """CPU threads of each stage process."""
+    system_malloc: bool = False
+    """Leave glibc's malloc thresholds as they are (default: fixed so that freed memory stays in the process,
+    ``dni_async.allocator``)."""
     transport: str = "zmq"
     """Data-plane transport."""
     run_dir: str = "runs/latest"
@@ -269,6 +272,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="comma list, stage i -> item i: 'cpu' or a GPU id (default: GPU LOCAL_RANK if CUDA, else cpu)")
     a("--threads-per-stage", type=int, default=d.threads_per_stage,
       help=f"CPU threads per stage process (default: {d.threads_per_stage})")
+    a("--system-malloc", action="store_true",
+      help="leave glibc's malloc as it is: by default a stage keeps the memory it frees (up to 512 MiB) "
+           "instead of returning it to the kernel and faulting it in again every step")
     a("--transport", choices=sorted(TRANSPORTS), default=d.transport,
       help=f"data-plane transport (default: {d.transport})")
     a("--run-dir", default=d.run_dir,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .allocator import keep_freed_memory
 from .checkpoint import check_compatible, newest_complete
 from .config import PipelineConfig
 from .divergence import Diverged
@@ -161,6 +162,8 @@ class StageRun:
     watchdog: AbortWatchdog
     endpoint: str | None = None
     """This stage's data-plane endpoint (the stage file records it)."""
+    malloc: str = ""
+    """What ``dni_async.allocator`` did to this process's malloc, in words (the stage file records it)."""
     transport: Transport | None = None
     """Closed on every path."""
     metrics: JsonLines | None = None
@@ -221,7 +224,7 @@ class StageRun:
         content = {
             "stage": env.rank, "rank": env.rank, "pid": os.getpid(), "host": env.host, "device": str(env.device),
             "threads": config.threads_per_stage, "transport": config.transport,
-            "endpoints": {"data": self.endpoint} if self.endpoint else {}, "status": status,
+            "endpoints": {"data": self.endpoint} if self.endpoint else {}, "malloc": self.malloc, "status": status,
             **({"reason": reason} if reason else {}),
         }
         try:
@@ -331,6 +334,7 @@ def stage_run(task: PipelineTask, config: PipelineConfig) -> Iterator[StageRun]:
     setup_logging(env.rank)
     torch.set_num_threads(config.threads_per_stage)
     run = StageRun(task, config, env, stages, shapes, AbortWatchdog(env, peer_timeout=config.peer_timeout))
+    run.malloc = "glibc's defaults (--system-malloc)" if config.system_malloc else keep_freed_memory()
     run.watchdog.on_abort = lambda info: run.end(_reason(info.get("stage"), info["error"]))
     run.watchdog.start()
     with _stop_on_signals(run):

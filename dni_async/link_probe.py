@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .allocator import keep_freed_memory
 from .transport import Message, TransportOptions, make_transport
 
 __all__ = ["Link", "measure_link"]
@@ -38,9 +39,11 @@ class Link:
         return {"latency_s": self.latency_s, "bandwidth_bps": self.bandwidth_bps}
 
 
-def _echo(transport_name: str, pipe: Connection) -> None:
+def _echo(transport_name: str, keep_memory: bool, pipe: Connection) -> None:
     """Stage 1 of the probe: answer every ``act`` with a ``grad`` of the same tensor until ``stop``."""
     torch.set_num_threads(1)
+    if keep_memory:
+        keep_freed_memory()
     transport = make_transport(transport_name, 1, 2, TransportOptions())
     try:
         pipe.send(transport.bind())
@@ -51,7 +54,8 @@ def _echo(transport_name: str, pipe: Connection) -> None:
         transport.close()
 
 
-def measure_link(transport_name: str = "zmq", round_trips: int = 40, timeout: float = 60.0) -> Link:
+def measure_link(transport_name: str = "zmq", round_trips: int = 40, timeout: float = 60.0,
+                 keep_memory: bool = True) -> Link:
     """Measure :class:`Link` between two processes over ``transport_name`` on loopback, as stages use it: a
     message of each of :data:`SIZES` sent forward and echoed back ``round_trips`` times; one way is half the
     median round trip (receiving thread, queue and decoding included).
@@ -60,9 +64,11 @@ def measure_link(transport_name: str = "zmq", round_trips: int = 40, timeout: fl
         RuntimeError: if the echoing process does not answer within ``timeout`` seconds.
     """
     torch.set_num_threads(1)
+    if keep_memory:  # as the stages do (dni_async.allocator), unless --system-malloc
+        keep_freed_memory()
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    echo = ctx.Process(target=_echo, args=(transport_name, there), daemon=True)
+    echo = ctx.Process(target=_echo, args=(transport_name, keep_memory, there), daemon=True)
     echo.start()
     transport = make_transport(transport_name, 0, 2, TransportOptions(peer_timeout=timeout))
     try:

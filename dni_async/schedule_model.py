@@ -31,9 +31,11 @@ __all__ = ["Prediction", "StageCost", "predict", "simulate"]
 #   ("recv", dirs, wait)     the next message from the first of `dirs` that has one (None if none, not `wait`)
 #   ("step",)                the stage finished a training step (throughput is the last stage's, as measured)
 #
-# Cores are shared: while n stages compute on c cores, each runs at min(1, c / (n x threads)) of its
-# speed (processor sharing, the kernel's scheduler idealised). The last stage runs `steps` steps, the
-# others run on until it has: the whole run is the steady state but for its start. A link carries one message at a time:
+# Cores are shared: while n stages compute on c cores, each gets min(1, c / (n x threads)) of a core per
+# thread (processor sharing, the kernel's scheduler idealised) and, while n x threads > c, runs at that
+# share / sharing_cost of its speed: the switching between processes costs CPU (dni_async.core_probe).
+# The last stage runs `steps` steps, the others run on until it has: the whole run is the steady state
+# but for its start. A link carries one message at a time:
 # n bytes occupy it n / bandwidth seconds, and arrive latency_s after that. A stage blocked on a
 # receive or a send uses no core.
 #
@@ -97,7 +99,7 @@ class Prediction:
     samples_per_s: float
     """The last stage's steady throughput (the first ``warmup`` fraction of steps excluded, as measured)."""
     busy: list[float]
-    """Per stage: core-seconds of work over wall seconds in the steady state (the benchmark's
+    """Per stage: CPU seconds over wall seconds in the steady state (the benchmark's
     ``per_stage_busy_fraction``)."""
     bubble: float
     """The idle share of the cores the stages could use: 1 - work / (wall x min(stages x threads, cores))."""
@@ -114,22 +116,26 @@ class _Stage:
     program: Program
     inbox: dict[str, deque[int]] = field(default_factory=lambda: {"forward": deque(), "backward": deque()})
     since: float | None = None        # the work clock when its current compute began (None: not computing)
+    cpu_since: float = 0.0            # the CPU clock then
     waiting: tuple[str, ...] = ()     # directions a blocked receive waits on
     blocked_send: tuple[Any, ...] | None = None
-    work: float = 0.0                 # core-seconds of the computes it has finished
+    work: float = 0.0                 # CPU seconds of the computes it has finished
 
 
 class _Engine:
     """Runs the stage programs until the last stage's ends (see [Note: the schedule model]).
 
     Processor sharing runs on a work clock: every computing stage progresses at the same rate, so the clock
-    advances by that rate and a compute of w seconds ends when the clock has moved w past its start.
+    advances by that rate and a compute of w seconds ends when the clock has moved w past its start. The CPU
+    clock advances by each computing thread's share of a core: what a stage's process is charged.
     """
 
-    def __init__(self, programs: list[Program], link: Link, cores: float, threads: int, capacity: int) -> None:
+    def __init__(self, programs: list[Program], link: Link, cores: float, threads: int, capacity: int,
+                 sharing_cost: float = 1.0) -> None:
         self.stages = [_Stage(p) for p in programs]
         self.link, self.cores, self.threads, self.capacity = link, cores, threads, capacity
-        self.now = self.clock = 0.0
+        self.sharing_cost = sharing_cost
+        self.now = self.clock = self.cpu_clock = 0.0
         self.ends: list[tuple[float, int]] = []  # computes in progress: (work clock at their end, stage)
         self.arrivals: list[tuple[float, int, int, str, int]] = []  # (time, seq, dst, direction, payload)
         self.link_free: dict[tuple[int, int], float] = {}
@@ -147,16 +153,18 @@ class _Engine:
                 return
             if not self.ends and not self.arrivals:
                 raise RuntimeError("the schedule model deadlocked: every stage waits (a bug in a stage program)")
-            rate = min(1.0, self.cores / max(1, len(self.ends) * self.threads))
+            share = min(1.0, self.cores / max(1, len(self.ends) * self.threads))
+            rate = share / self.sharing_cost if share < 1.0 else share
             t_next = self.now + (self.ends[0][0] - self.clock) / rate if self.ends else math.inf
             t_next = min(t_next, self.arrivals[0][0] if self.arrivals else math.inf)
             self.clock += (t_next - self.now) * rate
+            self.cpu_clock += (t_next - self.now) * share
             self.now = t_next
             while self.ends and self.ends[0][0] <= self.clock + 1e-12:
                 _, i = heapq.heappop(self.ends)
                 stage = self.stages[i]
                 assert stage.since is not None
-                stage.work += (self.clock - stage.since) * self.threads
+                stage.work += (self.cpu_clock - stage.cpu_since) * self.threads
                 stage.since = None
                 ready.append((i, None))
             while self.arrivals and self.arrivals[0][0] <= self.now:
@@ -168,8 +176,8 @@ class _Engine:
                     ready.append((dst, self._take(dst, (direction,), ready)))
 
     def _work(self, stage: _Stage) -> float:
-        """Core-seconds of work ``stage`` has done so far."""
-        return stage.work + (0.0 if stage.since is None else (self.clock - stage.since) * self.threads)
+        """CPU seconds ``stage`` has used so far."""
+        return stage.work + (0.0 if stage.since is None else (self.cpu_clock - stage.cpu_since) * self.threads)
 
     def _resume(self, i: int, value: Any, ready: deque[tuple[int, Any]]) -> None:
         """Run stage ``i``'s program from ``value`` until it computes or blocks."""
@@ -183,7 +191,7 @@ class _Engine:
             value = None
             if op[0] == "compute":
                 if op[1] > 0:
-                    stage.since = self.clock
+                    stage.since, stage.cpu_since = self.clock, self.cpu_clock
                     heapq.heappush(self.ends, (self.clock + op[1], i))
                     return
             elif op[0] == "send":
@@ -306,7 +314,7 @@ def _pipelined(i: int, n: int, cost: StageCost, one_f_one_b: bool, steps: int, m
 
 def simulate(mode: str, costs: Sequence[StageCost], *, batch_size: int, link: Link, cores: float | None = None,
              threads: int = 1, max_in_flight: int = 0, microbatches: int = 1, queue_size: int = 8,
-             stash_size: int = 64, steps: int = 60, warmup: float = 0.25) -> Prediction:
+             stash_size: int = 64, steps: int = 60, warmup: float = 0.25, sharing_cost: float = 1.0) -> Prediction:
     """Predict a run of ``mode`` on stages of ``costs`` (model output, not a measurement).
 
     Args:
@@ -322,6 +330,8 @@ def simulate(mode: str, costs: Sequence[StageCost], *, batch_size: int, link: Li
         stash_size: ``--stash-size`` (dni, cdni).
         steps: steps of the last stage simulated (the others run on until it is done).
         warmup: fraction of the steps left out of the throughput.
+        sharing_cost: CPU time of a compute while more threads compute than ``cores``, over its time alone
+            (``dni_async.core_probe.measure_sharing``); 1.0: sharing is free.
 
     Raises:
         ValueError: for an unknown mode, a mode with no model, or bad numbers.
@@ -339,6 +349,8 @@ def simulate(mode: str, costs: Sequence[StageCost], *, batch_size: int, link: Li
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if cores is not None and not (math.isfinite(cores) and cores > 0):
         raise ValueError(f"cores must be > 0, got {cores!r}")
+    if not (math.isfinite(sharing_cost) and sharing_cost > 0):
+        raise ValueError(f"sharing_cost must be > 0, got {sharing_cost!r}")
     if not 0 <= warmup < 1:
         raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
     if method.pipelining:
@@ -352,7 +364,7 @@ def simulate(mode: str, costs: Sequence[StageCost], *, batch_size: int, link: Li
             raise ValueError(f"--mode {mode} needs max_in_flight >= 1, got {max_in_flight}")
         programs = [_stage_loop(i, n, c, mode, steps, max_in_flight, stash_size) for i, c in enumerate(costs)]
     usable = float(n * threads) if cores is None else min(float(n * threads), cores)
-    engine = _Engine(programs, link, usable, threads, queue_size + ZMQ_HWM)
+    engine = _Engine(programs, link, usable, threads, queue_size + ZMQ_HWM, sharing_cost)
     engine.run()
     marks = engine.marks
     (t0, work0), (t1, work1) = marks[min(int(len(marks) * warmup), len(marks) - 2)], marks[-1]
@@ -364,7 +376,7 @@ def simulate(mode: str, costs: Sequence[StageCost], *, batch_size: int, link: Li
 
 
 def predict(config: PipelineConfig, costs: Sequence[dict[str, Any]], link: Link,
-            cores: float | None = None) -> Prediction:
+            cores: float | None = None, sharing_cost: float = 1.0) -> Prediction:
     """:func:`simulate` a run of ``config`` (its mode, batch, threads, window, microbatches and queues) on stages of
     ``costs`` (``stage_cost.stage_step_times`` entries: per batch, or per microbatch for gpipe / 1f1b).
 
@@ -376,4 +388,4 @@ def predict(config: PipelineConfig, costs: Sequence[dict[str, Any]], link: Link,
     return simulate(config.mode, [StageCost.from_dict(c) for c in costs], batch_size=config.batch_size, link=link,
                     cores=cores, threads=config.threads_per_stage, max_in_flight=config.max_in_flight,
                     microbatches=config.microbatches if config.method.pipelining else 1,
-                    queue_size=config.queue_size, stash_size=config.stash_size)
+                    queue_size=config.queue_size, stash_size=config.stash_size, sharing_cost=sharing_cost)

@@ -40,7 +40,7 @@ def validate_results(results: dict[str, Any]) -> list[dict[str, Any]]:
         if parse_label(run["mode"])[0] == "single":
             continue
         prediction = predict(job_config(spec, run["mode"]), run["stage_microbatch_s"] or run["stage_step_s"], link,
-                             cores=cores)
+                             cores=cores, sharing_cost=model.get("sharing_cost", 1.0))
         error = prediction.samples_per_s / run["samples_per_s"] - 1
         target = TARGETS.get(run["stages"], TARGETS[4])
         rows.append({"mode": run["mode"], "stages": run["stages"], "measured": run["samples_per_s"],

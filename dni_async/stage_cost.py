@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from .allocator import keep_freed_memory
 from .config import PipelineConfig
 from .lifecycle import validate
 from .metrics import JsonLines
@@ -121,6 +122,8 @@ def stage_step_times(task: PipelineTask, config: PipelineConfig, repeats: int = 
         ``input_s`` (stage 0: reading the next batch from the task's data, outside the step).
     """
     torch.set_num_threads(config.threads_per_stage)
+    if not config.system_malloc:
+        keep_freed_memory()
     stages, shapes = validate(task, config)
     config = dataclasses.replace(config, log_every=10**9, snapshot_every=0, eval_every=0, checkpoint_every=0,
                                  save_grads_step=None, slow_stage={}, fail_stage={}, resume=None)

@@ -104,6 +104,7 @@ def test_end_to_end(mode_run: Callable[[str], tuple[Path, str]], mode: str) -> N
         info = read_json(run / "stages" / f"stage-{i}.json")
         assert info["status"] == "done" and info["stage"] == i and info["transport"] == "zmq"
         assert "127.0.0.1" in info["endpoints"]["data"]
+        assert info["malloc"].startswith("freed memory kept (glibc mmap threshold"), info["malloc"]
         assert not alive(info["pid"]), "no stage process left behind"
     lines = read_jsonl(run / "metrics.jsonl")
     assert {line["stage"] for line in lines} == {0, 1, 2}

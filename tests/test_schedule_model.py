@@ -12,6 +12,7 @@ import pytest
 
 from dni_async.__main__ import main
 from dni_async.config import PipelineConfig
+from dni_async.core_probe import measure_sharing
 from dni_async.link_probe import Link
 from dni_async.schedule_model import StageCost, predict, simulate
 from dni_async.schedule_report import bubble_check, validate_results, what_if
@@ -85,6 +86,21 @@ def test_stages_share_the_cores() -> None:
     assert rates[1] == pytest.approx(rates[4] / 4, rel=0.02)
     locked = {c: simulate("backprop", equal(4), batch_size=1, link=FREE, cores=c).samples_per_s for c in (4, 1)}
     assert locked[1] == pytest.approx(locked[4])  # one stage computes at a time: nothing to share
+
+
+def test_sharing_costs_only_while_the_cores_are_oversubscribed() -> None:
+    """A sharing cost of 1.25 makes 4 stages on 2 cores 1.25 times slower, each still charged half a core; on
+    4 cores (not oversubscribed) and in backprop (one stage computes at a time) it changes nothing."""
+    def run(mode: str, cores: int, cost: float):
+        return simulate(mode, equal(4), batch_size=1, link=FREE, cores=cores, sharing_cost=cost)
+
+    shared, free = run("local", 2, 1.25), run("local", 2, 1.0)
+    assert shared.samples_per_s == pytest.approx(free.samples_per_s / 1.25, rel=0.02)
+    assert shared.busy == pytest.approx([0.5] * 4, abs=0.02) and free.busy == pytest.approx([0.5] * 4, abs=0.02)
+    assert run("local", 4, 1.25).samples_per_s == pytest.approx(run("local", 4, 1.0).samples_per_s)
+    assert run("backprop", 2, 1.25).samples_per_s == pytest.approx(run("backprop", 2, 1.0).samples_per_s)
+    with pytest.raises(ValueError, match="sharing_cost"):
+        simulate("local", equal(2), batch_size=1, link=FREE, sharing_cost=0.0)
 
 
 def test_a_full_queue_holds_the_sender_back() -> None:
@@ -175,6 +191,14 @@ def test_cli_predicts_from_a_costs_file(tmp_path: Path, capsys: pytest.CaptureFi
     assert "MODEL OUTPUT" in printed and "backprop" in printed
     step = 2 * (F + B) + 2 * 1000 / 2.5e9  # the work of both stages, both messages at the default 2.5 GB/s
     assert json.loads(out.read_text())["samples_per_s"] == pytest.approx(60 / step, rel=1e-3)
+    costs.write_text(json.dumps([EQUAL.__dict__] * 4))
+    rates = []
+    for sharing in ("1.0", "1.25"):
+        assert main(["model", "--costs", str(costs), "--latency-us", "0", "--cores", "2", "--sharing-cost", sharing,
+                     "--out", str(out), "--mode", "local", "--stages", "4"]) == 0
+        rates.append(json.loads(out.read_text())["samples_per_s"])
+    assert rates[1] == pytest.approx(rates[0] / 1.25, rel=0.02)
+    assert main(["model", "--costs", str(costs), "--sharing-cost", "0", "--mode", "local", "--stages", "4"]) == 2
 
 
 def test_cli_refuses_bad_input_with_exit_2(tmp_path: Path) -> None:
@@ -188,3 +212,13 @@ def test_cli_refuses_bad_input_with_exit_2(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["model"])
     assert exit_info.value.code == 2
+
+
+def test_sharing_probe() -> None:
+    """Processes that fit the cores cost nothing to share (no probe runs); three processes said to share one
+    core are measured (each step's CPU time over its time alone): a real ratio, 1.0-1.3 on 2 cores here."""
+    assert measure_sharing(2, 2) == 1.0 and measure_sharing(1, 4, threads=4) == 1.0
+    ratio = measure_sharing(3, 1, steps=20)
+    assert 0.8 < ratio < 3.0, ratio
+    with pytest.raises(ValueError, match="must be >= 1"):
+        measure_sharing(0, 2)
