@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--cores", type=float, default=None,
                        help="--costs: cores the stages share (default: one per stage)")
     model.add_argument("--sharing-cost", type=float, default=1.0,
-                       help="--costs: CPU time of a step while more stages compute than --cores, over its time "
-                            "alone (the benchmark measures it: results.json's model.sharing_cost; default: 1.0)")
+                       help="--costs: where the stages have more threads than --cores, the CPU time of a step "
+                            "over its time alone (the benchmark measures it: results.json's model.sharing_cost; "
+                            "default: 1.0)")
     model.add_argument("--out", type=Path, default=None,
                        help="write the predictions as JSON here (--what-if: a folder for what_if.json and "
                             "what_if.png)")

@@ -27,6 +27,7 @@ from .config import MODES, SG_KINDS, PipelineConfig, config_from_args
 from .core_probe import measure_sharing
 from .link_probe import Link, measure_link
 from .metrics import write_json_atomic
+from .schedule_cost import scale_microbatch_costs, schedule_batch_times
 from .schedule_model import predict
 from .stage_cost import stage_step_times
 from .task import PipelineTask
@@ -173,6 +174,13 @@ def _stage_costs(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], Pipel
         costs[args] = stage_step_times(get_task(config), config, repeats=spec.isolation_repeats)
         log.info("isolated step times, %s %s: %s", config.mode, config.sg if config.method.has_sg else "",
                  ", ".join(f"stage {c['stage']} {c['step_s'] * 1e3:.1f} ms" for c in costs[args]))
+    for label in spec.modes:
+        if _micro_args(spec, label) is not None:
+            config = job_config(spec, label)
+            batch_s = schedule_batch_times(get_task(config), config)
+            costs["schedule", label] = [{"batch_s": s} for s in batch_s]
+            log.info("isolated batch times under %s: %s", config.method.schedule,
+                     ", ".join(f"stage {i} {s * 1e3:.1f} ms" for i, s in enumerate(batch_s)))
     return costs
 
 
@@ -198,7 +206,11 @@ def _ideal(spec: BenchmarkSpec, rounds: list[dict[tuple, list[dict]]], link: Lin
         assert link is not None, "the link is measured whenever a mode has stages"
         stages = _medians(spec, rounds, kind)
         micro = _micro_args(spec, mode)
-        micro_costs = _medians(spec, rounds, tuple(micro)) if micro is not None else None
+        micro_costs = None
+        if micro is not None:
+            batch_s = [s["batch_s"] for s in _medians(spec, rounds, ("schedule", mode))]
+            micro_costs = scale_microbatch_costs(_medians(spec, rounds, tuple(micro)), batch_s,
+                                                 job_config(spec, mode).microbatches)
         predicted = predict(job_config(spec, mode), micro_costs or stages, link, cores=cores, sharing_cost=sharing)
         out[mode] = {"stage_step_s": stages, "ideal": batch / max(c["step_s"] for c in stages),
                      "microbatch": micro_costs, "predicted": predicted.samples_per_s}

@@ -5,8 +5,9 @@ sharing). That alone would be free; a real kernel switches processes every few
 milliseconds, and each one refills its caches when it runs again. Measured here
 (2 cores, one 1024 x 1024 layer's step at batch 256, one thread each): 9.2 ms of
 CPU a step alone or two at once, 11.0 ms with four processes on the two cores.
-:func:`measure_sharing` measures that ratio on the machine it runs on; the model
-divides the speed of every stage by it while more threads compute than cores.
+:func:`measure_sharing` measures that ratio on the machine it runs on; where a
+run has more stage threads than cores, the model divides the speed of every
+compute by it (see [Note: the schedule model] in ``schedule_model.py``).
 """
 
 from __future__ import annotations

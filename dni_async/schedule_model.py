@@ -18,6 +18,7 @@ from typing import Any, Generator, Sequence
 from .config import PipelineConfig
 from .link_probe import Link
 from .methods import METHODS
+from .stage import POLL_S
 
 __all__ = ["Prediction", "StageCost", "predict", "simulate"]
 
@@ -28,12 +29,17 @@ __all__ = ["Prediction", "StageCost", "predict", "simulate"]
 #   ("compute", s)           s seconds of work on one core (threads_per_stage cores)
 #   ("send", dst, dir, n)    a message of n bytes into stage dst's `dir` queue; blocks while that queue and
 #                            what is on its way to it hold queue_size + ZMQ_HWM messages (backpressure)
-#   ("recv", dirs, wait)     the next message from the first of `dirs` that has one (None if none, not `wait`)
+#   ("recv", dirs, wait[, poll])  the next message from the first of `dirs` that has one (None if none, not
+#                            `wait`); with `poll` > 0 a wait notices a message of any but the first of `dirs`
+#                            only every `poll` seconds from its start (stage.py's POLL_S)
 #   ("step",)                the stage finished a training step (throughput is the last stage's, as measured)
 #
 # Cores are shared: while n stages compute on c cores, each gets min(1, c / (n x threads)) of a core per
-# thread (processor sharing, the kernel's scheduler idealised) and, while n x threads > c, runs at that
-# share / sharing_cost of its speed: the switching between processes costs CPU (dni_async.core_probe).
+# thread (processor sharing, the kernel's scheduler idealised). Where the run has more stage threads than
+# cores, every compute runs at its share / sharing_cost: the processes take turns on the cores, and each
+# compute starts on a core that another process used meanwhile (its caches refilled), whether the others
+# compute at that moment (preempted every time slice) or wait (switched at each message).
+# dni_async.core_probe measures sharing_cost.
 # The last stage runs `steps` steps, the others run on until it has: the whole run is the steady state
 # but for its start. A link carries one message at a time:
 # n bytes occupy it n / bandwidth seconds, and arrive latency_s after that. A stage blocked on a
@@ -44,12 +50,16 @@ __all__ = ["Prediction", "StageCost", "predict", "simulate"]
 # --max-in-flight steps await their gradient; forward, send act(t); then the source's update
 # (backprop: wait for grad(t); dni: SG prediction, backward; delayed: none until grad(t) comes back;
 # local: head and backward; last stage: loss and backward), send the input's gradient back; then every
-# gradient that has arrived (dni: an SG update each; delayed: the backward pass of its step). Not
-# modelled: the 2 ms poll of a waiting stage, the absorbing of gradients by a blocked send (every
-# 0.1 s), the I/O thread's CPU, evaluation and shutdown.
+# gradient that has arrived (dni: an SG update each; delayed: the backward pass of its step). A stage that
+# waits for act(t) while gradients are owed to it takes them every POLL_S (2 ms), as stage.py does. Not
+# modelled: the absorbing of gradients by a blocked send (every 0.1 s), the I/O thread's CPU, evaluation
+# and shutdown.
 #
 # The pipelining programs follow torch's ScheduleGPipe and Schedule1F1B._step_microbatches order, with
 # sends that complete on their own (isend), then one optimizer step per batch.
+
+_TICK = "tick"
+"""An arrival that is a waiting stage's poll tick, not a message."""
 
 ZMQ_HWM = 2
 """Messages zmq buffers between two stages beyond the receiver's queue (SNDHWM 1 + RCVHWM 1)."""
@@ -118,6 +128,9 @@ class _Stage:
     since: float | None = None        # the work clock when its current compute began (None: not computing)
     cpu_since: float = 0.0            # the CPU clock then
     waiting: tuple[str, ...] = ()     # directions a blocked receive waits on
+    poll: float = 0.0                 # its poll interval for all but waiting[0] (0: notices at once)
+    wait_from: float = 0.0            # when it began
+    tick: float | None = None         # the poll tick at which it will take what has come meanwhile
     blocked_send: tuple[Any, ...] | None = None
     work: float = 0.0                 # CPU seconds of the computes it has finished
 
@@ -135,9 +148,10 @@ class _Engine:
         self.stages = [_Stage(p) for p in programs]
         self.link, self.cores, self.threads, self.capacity = link, cores, threads, capacity
         self.sharing_cost = sharing_cost
+        self.oversubscribed = len(programs) * threads > cores
         self.now = self.clock = self.cpu_clock = 0.0
         self.ends: list[tuple[float, int]] = []  # computes in progress: (work clock at their end, stage)
-        self.arrivals: list[tuple[float, int, int, str, int]] = []  # (time, seq, dst, direction, payload)
+        self.arrivals: list[tuple[float, int, int, str, int]] = []  # (time, seq, dst, direction or TICK, payload)
         self.link_free: dict[tuple[int, int], float] = {}
         self.on_way: dict[tuple[int, str], int] = {}
         self.seq = 0
@@ -154,7 +168,7 @@ class _Engine:
             if not self.ends and not self.arrivals:
                 raise RuntimeError("the schedule model deadlocked: every stage waits (a bug in a stage program)")
             share = min(1.0, self.cores / max(1, len(self.ends) * self.threads))
-            rate = share / self.sharing_cost if share < 1.0 else share
+            rate = share / self.sharing_cost if self.oversubscribed else share
             t_next = self.now + (self.ends[0][0] - self.clock) / rate if self.ends else math.inf
             t_next = min(t_next, self.arrivals[0][0] if self.arrivals else math.inf)
             self.clock += (t_next - self.now) * rate
@@ -168,12 +182,26 @@ class _Engine:
                 stage.since = None
                 ready.append((i, None))
             while self.arrivals and self.arrivals[0][0] <= self.now:
-                _, _, dst, direction, payload = heapq.heappop(self.arrivals)
+                at, _, dst, direction, payload = heapq.heappop(self.arrivals)
+                stage = self.stages[dst]
+                if direction == _TICK:
+                    if stage.waiting and stage.tick == at:
+                        ready.append((dst, self._take(dst, stage.waiting, ready)))
+                        stage.waiting, stage.tick = (), None
+                    continue
                 self.on_way[dst, direction] -= 1
-                self.stages[dst].inbox[direction].append(payload)
-                if direction in self.stages[dst].waiting:
-                    self.stages[dst].waiting = ()
-                    ready.append((dst, self._take(dst, (direction,), ready)))
+                stage.inbox[direction].append(payload)
+                if direction not in stage.waiting:
+                    continue
+                if stage.poll > 0 and direction != stage.waiting[0]:
+                    if stage.tick is None:
+                        stage.tick = stage.wait_from + math.ceil((self.now - stage.wait_from) / stage.poll - 1e-9) \
+                            * stage.poll
+                        self.seq += 1
+                        heapq.heappush(self.arrivals, (stage.tick, self.seq, dst, _TICK, -1))
+                    continue
+                stage.waiting, stage.tick = (), None
+                ready.append((dst, self._take(dst, (direction,), ready)))
 
     def _work(self, stage: _Stage) -> float:
         """CPU seconds ``stage`` has used so far."""
@@ -201,7 +229,7 @@ class _Engine:
             elif op[0] == "recv":
                 value = self._take(i, op[1], ready)
                 if value is None and op[2]:
-                    stage.waiting = op[1]
+                    stage.waiting, stage.poll, stage.wait_from = op[1], op[3] if len(op) > 3 else 0.0, self.now
                     return
             elif i == len(self.stages) - 1:
                 self.marks.append((self.now, [self._work(s) for s in self.stages]))
@@ -254,7 +282,8 @@ def _stage_loop(i: int, n: int, cost: StageCost, mode: str, steps: int, limit: i
     for t in range(steps) if last else itertools.count():
         yield ("compute", cost.input_s)
         if not first:
-            while (got := (yield ("recv", ("forward", "backward") if pending else ("forward",), True)))[0] != "forward":
+            while (got := (yield ("recv", ("forward", "backward") if pending else ("forward",), True,
+                                  POLL_S)))[0] != "forward":
                 yield from on_gradient(got[1])
         while source in ("synthetic", "delayed") and limit and len(pending) >= limit:
             yield from on_gradient((yield ("recv", ("backward",), True))[1])
@@ -330,8 +359,8 @@ def simulate(mode: str, costs: Sequence[StageCost], *, batch_size: int, link: Li
         stash_size: ``--stash-size`` (dni, cdni).
         steps: steps of the last stage simulated (the others run on until it is done).
         warmup: fraction of the steps left out of the throughput.
-        sharing_cost: CPU time of a compute while more threads compute than ``cores``, over its time alone
-            (``dni_async.core_probe.measure_sharing``); 1.0: sharing is free.
+        sharing_cost: where the stages have more threads than ``cores``: the CPU time of a compute over its time
+            alone (``dni_async.core_probe.measure_sharing``); 1.0: sharing is free.
 
     Raises:
         ValueError: for an unknown mode, a mode with no model, or bad numbers.

@@ -124,7 +124,8 @@ def stage_step_times(task: PipelineTask, config: PipelineConfig, repeats: int = 
     torch.set_num_threads(config.threads_per_stage)
     if not config.system_malloc:
         keep_freed_memory()
-    stages, shapes = validate(task, config)
+    # no run folder: its checkpoints (of an earlier run) are not this measurement's concern
+    stages, shapes = validate(task, dataclasses.replace(config, run_dir=os.devnull, resume=None))
     config = dataclasses.replace(config, log_every=10**9, snapshot_every=0, eval_every=0, checkpoint_every=0,
                                  save_grads_step=None, slow_stage={}, fail_stage={}, resume=None)
     batches = iter(task.data()[0])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dni_async import schedule_model
 from dni_async.__main__ import main
 from dni_async.config import PipelineConfig
 from dni_async.core_probe import measure_sharing
@@ -70,10 +71,15 @@ def test_the_window_bounds_dni_by_the_round_trip() -> None:
     assert step[1] == pytest.approx(locked - B)  # only stage 0's own backward overlaps the round trip
 
 
-def test_delayed_with_a_window_of_one_is_locked_backprop() -> None:
+def test_delayed_with_a_window_of_one_is_locked_backprop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same schedule; but for the middle stage, which waits for act(t + 1) while grad(t) is owed to it and so
+    takes grad(t) at its next poll tick: at most POLL_S later a step, and exactly as fast without the poll."""
     link = Link(latency_s=0.002, bandwidth_bps=1e8)
-    delayed = simulate("delayed", equal(3), batch_size=1, link=link, max_in_flight=1)
     backprop = simulate("backprop", equal(3), batch_size=1, link=link)
+    delayed = simulate("delayed", equal(3), batch_size=1, link=link, max_in_flight=1)
+    assert backprop.step_s < delayed.step_s <= backprop.step_s + schedule_model.POLL_S + 1e-9
+    monkeypatch.setattr(schedule_model, "POLL_S", 0.0)
+    delayed = simulate("delayed", equal(3), batch_size=1, link=link, max_in_flight=1)
     assert delayed.samples_per_s == pytest.approx(backprop.samples_per_s)
     with pytest.raises(ValueError, match="needs max_in_flight >= 1"):
         simulate("delayed", equal(3), batch_size=1, link=link, max_in_flight=0)
@@ -88,9 +94,9 @@ def test_stages_share_the_cores() -> None:
     assert locked[1] == pytest.approx(locked[4])  # one stage computes at a time: nothing to share
 
 
-def test_sharing_costs_only_while_the_cores_are_oversubscribed() -> None:
-    """A sharing cost of 1.25 makes 4 stages on 2 cores 1.25 times slower, each still charged half a core; on
-    4 cores (not oversubscribed) and in backprop (one stage computes at a time) it changes nothing."""
+def test_sharing_costs_only_where_the_cores_are_oversubscribed() -> None:
+    """A sharing cost of 1.25 makes 4 stages on 2 cores 1.25 times slower, each still charged half a core, and
+    backprop too (one stage computes at a time, on a core the others used); on 4 cores it changes nothing."""
     def run(mode: str, cores: int, cost: float):
         return simulate(mode, equal(4), batch_size=1, link=FREE, cores=cores, sharing_cost=cost)
 
@@ -98,7 +104,8 @@ def test_sharing_costs_only_while_the_cores_are_oversubscribed() -> None:
     assert shared.samples_per_s == pytest.approx(free.samples_per_s / 1.25, rel=0.02)
     assert shared.busy == pytest.approx([0.5] * 4, abs=0.02) and free.busy == pytest.approx([0.5] * 4, abs=0.02)
     assert run("local", 4, 1.25).samples_per_s == pytest.approx(run("local", 4, 1.0).samples_per_s)
-    assert run("backprop", 2, 1.25).samples_per_s == pytest.approx(run("backprop", 2, 1.0).samples_per_s)
+    assert run("backprop", 2, 1.25).samples_per_s == pytest.approx(run("backprop", 2, 1.0).samples_per_s / 1.25)
+    assert run("backprop", 4, 1.25).samples_per_s == pytest.approx(run("backprop", 4, 1.0).samples_per_s)
     with pytest.raises(ValueError, match="sharing_cost"):
         simulate("local", equal(2), batch_size=1, link=FREE, sharing_cost=0.0)
 
