@@ -22,7 +22,7 @@ import ctypes
 import ctypes.util
 import platform
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory", "set_malloc"]
 
 MMAP_THRESHOLD = 256 << 20
 """Blocks smaller than this come from the heap, not from their own ``mmap``."""
@@ -49,3 +49,9 @@ def keep_freed_memory() -> str:
     libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)  # any size is accepted
     return f"freed memory kept (glibc mmap threshold {mmap_threshold >> 20} MiB, trim threshold " \
            f"{TRIM_THRESHOLD >> 20} MiB)"
+
+
+def set_malloc(system_malloc: bool) -> str:
+    """What every stage process and every measurement of one does first: :func:`keep_freed_memory`, unless
+    ``--system-malloc``; what was done, in words (the stage file's ``malloc``)."""
+    return "glibc's defaults (--system-malloc)" if system_malloc else keep_freed_memory()

@@ -205,13 +205,12 @@ def _ideal(spec: BenchmarkSpec, rounds: list[dict[tuple, list[dict]]], link: Lin
             continue
         assert link is not None, "the link is measured whenever a mode has stages"
         stages = _medians(spec, rounds, kind)
-        micro = _micro_args(spec, mode)
+        micro, config = _micro_args(spec, mode), job_config(spec, mode)
         micro_costs = None
         if micro is not None:
             batch_s = [s["batch_s"] for s in _medians(spec, rounds, ("schedule", mode))]
-            micro_costs = scale_microbatch_costs(_medians(spec, rounds, tuple(micro)), batch_s,
-                                                 job_config(spec, mode).microbatches)
-        predicted = predict(job_config(spec, mode), micro_costs or stages, link, cores=cores, sharing_cost=sharing)
+            micro_costs = scale_microbatch_costs(_medians(spec, rounds, tuple(micro)), batch_s, config.microbatches)
+        predicted = predict(config, micro_costs or stages, link, cores=cores, sharing_cost=sharing)
         out[mode] = {"stage_step_s": stages, "ideal": batch / max(c["step_s"] for c in stages),
                      "microbatch": micro_costs, "predicted": predicted.samples_per_s}
     return out

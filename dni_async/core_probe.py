@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from .allocator import keep_freed_memory
+from .allocator import set_malloc
 
 __all__ = ["measure_sharing"]
 
@@ -30,8 +30,7 @@ WIDTH, BATCH = 1024, 256
 def _cpu_per_step(threads: int, steps: int, keep_memory: bool, start: mp.synchronize.Event, pipe: Connection) -> None:
     """One probe process: CPU seconds per step, once the others are ready too (sent down ``pipe``)."""
     torch.set_num_threads(threads)
-    if keep_memory:
-        keep_freed_memory()
+    set_malloc(not keep_memory)  # as the stages do, unless --system-malloc
     layer = torch.nn.Sequential(torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU())
     opt = torch.optim.Adam(layer.parameters())
     x = torch.randn(BATCH, WIDTH)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .allocator import keep_freed_memory
+from .allocator import set_malloc
 from .checkpoint import check_compatible, newest_complete
 from .config import PipelineConfig
 from .divergence import Diverged
@@ -334,7 +334,7 @@ def stage_run(task: PipelineTask, config: PipelineConfig) -> Iterator[StageRun]:
     setup_logging(env.rank)
     torch.set_num_threads(config.threads_per_stage)
     run = StageRun(task, config, env, stages, shapes, AbortWatchdog(env, peer_timeout=config.peer_timeout))
-    run.malloc = "glibc's defaults (--system-malloc)" if config.system_malloc else keep_freed_memory()
+    run.malloc = set_malloc(config.system_malloc)
     run.watchdog.on_abort = lambda info: run.end(_reason(info.get("stage"), info["error"]))
     run.watchdog.start()
     with _stop_on_signals(run):

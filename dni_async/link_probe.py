@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .allocator import keep_freed_memory
+from .allocator import set_malloc
 from .transport import Message, TransportOptions, make_transport
 
 __all__ = ["Link", "measure_link"]
@@ -42,8 +42,7 @@ class Link:
 def _echo(transport_name: str, keep_memory: bool, pipe: Connection) -> None:
     """Stage 1 of the probe: answer every ``act`` with a ``grad`` of the same tensor until ``stop``."""
     torch.set_num_threads(1)
-    if keep_memory:
-        keep_freed_memory()
+    set_malloc(not keep_memory)  # as the stages do, unless --system-malloc
     transport = make_transport(transport_name, 1, 2, TransportOptions())
     try:
         pipe.send(transport.bind())
@@ -64,8 +63,7 @@ def measure_link(transport_name: str = "zmq", round_trips: int = 40, timeout: fl
         RuntimeError: if the echoing process does not answer within ``timeout`` seconds.
     """
     torch.set_num_threads(1)
-    if keep_memory:  # as the stages do (dni_async.allocator), unless --system-malloc
-        keep_freed_memory()
+    set_malloc(not keep_memory)  # as the stages do, unless --system-malloc
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
     echo = ctx.Process(target=_echo, args=(transport_name, keep_memory, there), daemon=True)

@@ -17,8 +17,6 @@ import copy
 import dataclasses
 import datetime
 import os
-import statistics
-import time
 from typing import Any, Callable
 
 import torch
@@ -26,10 +24,11 @@ import torch.distributed as dist
 from torch.distributed import pipelining
 from torch.distributed.pipelining import PipelineStage
 
-from .allocator import keep_freed_memory
+from .allocator import set_malloc
 from .config import PipelineConfig
 from .lifecycle import validate
 from .optim import fast_adam
+from .stage_cost import interleaved_medians
 from .task import PipelineTask, unpack
 
 __all__ = ["schedule_batch_times", "scale_microbatch_costs"]
@@ -48,42 +47,32 @@ def schedule_batch_times(task: PipelineTask, config: PipelineConfig, repeats: in
     if dist.is_initialized():
         raise ValueError("schedule_batch_times needs a process without a torch.distributed process group")
     torch.set_num_threads(config.threads_per_stage)
-    if not config.system_malloc:
-        keep_freed_memory()
+    set_malloc(config.system_malloc)
     stages, shapes = validate(task, dataclasses.replace(config, run_dir=os.devnull, resume=None))  # as stage_cost
     x, y, _ = unpack(next(iter(task.data()[0])))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))
     try:
         fns = [_batch(task, config, block, x if i == 0 else torch.randn(x.shape[0], *shapes[i - 1][1:]), y,
-                      i == len(stages) - 1, i > 0) for i, block in enumerate(stages)]
-        for _ in range(warmup):
-            for fn in fns:
-                fn()
-        times: list[list[float]] = [[] for _ in fns]
-        for _ in range(repeats):  # round-robin: a slow spell of the machine hits every stage alike
-            for fn, out in zip(fns, times):
-                start = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - start)
+                      shapes[i], i == len(stages) - 1, i > 0) for i, block in enumerate(stages)]
+        return interleaved_medians(fns, repeats, warmup)
     finally:
         dist.destroy_process_group()
-    return [statistics.median(t) for t in times]
 
 
 def _batch(task: PipelineTask, config: PipelineConfig, block: torch.nn.Sequential, x: torch.Tensor, y: torch.Tensor,
-           last: bool, input_grad: bool) -> Callable[[], None]:
+           out_shape: torch.Size, last: bool, input_grad: bool) -> Callable[[], None]:
     """One batch of the schedule on a copy of ``block`` (gradients zeroed before, not stepped)."""
     block = copy.deepcopy(block)
     m = config.microbatches
-    out = block(x[: x.shape[0] // m]).detach()
-    g = torch.randn_like(out) / x.shape[0]
+    micro = (x.shape[0] // m, *out_shape[1:])
+    g = torch.randn(micro) / x.shape[0]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = task.loss_fn if last else \
         (lambda h, _: (h * g).sum())
     stage = PipelineStage(block, 0, 1, torch.device("cpu"),
                           input_args=torch.empty(x.shape[0] // m, *x.shape[1:], dtype=x.dtype, device="meta",
                                                  requires_grad=input_grad),
-                          output_args=torch.empty(*out.shape, device="meta", requires_grad=True))
+                          output_args=torch.empty(micro, device="meta", requires_grad=True))
     schedule = getattr(pipelining, str(config.method.schedule))(stage, m, loss_fn=loss)
     opt = fast_adam(block.parameters(), config.lr)
     inp = x.detach().requires_grad_(input_grad)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from .allocator import keep_freed_memory
+from .allocator import set_malloc
 from .config import PipelineConfig
 from .lifecycle import validate
 from .metrics import JsonLines
@@ -21,7 +21,7 @@ from .task import PipelineTask, unpack
 from .transport import Message
 from .transport.memory import MemoryTransport
 
-__all__ = ["stage_step_times"]
+__all__ = ["interleaved_medians", "stage_step_times"]
 
 PARTS = {"forward": "forward_s", "act_sent": "forward_s", "sg_predicted": "sg_predict_s", "sg_update": "sg_update_s"}
 """Which part of a step each trace event's span is (see ``dni_async.trace``); the SG's work is ``sg_*``. Every
@@ -30,7 +30,7 @@ gradient. The span that ends at an ``input`` event is the time between two steps
 their turns: not counted."""
 
 
-def _interleaved_medians(fns: list[Callable[[], None]], repeats: int, warmup: int) -> list[float]:
+def interleaved_medians(fns: list[Callable[[], None]], repeats: int, warmup: int) -> list[float]:
     """Median seconds of each function, timed round-robin so that a slow spell of the machine hits all alike."""
     for _ in range(warmup):
         for fn in fns:
@@ -96,7 +96,7 @@ def _optimizer_seconds(worker: StageWorker, repeats: int) -> float:
             p.grad = torch.zeros_like(p)
         worker.io.opt.step()
 
-    return _interleaved_medians([step], repeats, 1)[0]
+    return interleaved_medians([step], repeats, 1)[0]
 
 
 def stage_step_times(task: PipelineTask, config: PipelineConfig, repeats: int = 20,
@@ -122,8 +122,7 @@ def stage_step_times(task: PipelineTask, config: PipelineConfig, repeats: int = 
         ``input_s`` (stage 0: reading the next batch from the task's data, outside the step).
     """
     torch.set_num_threads(config.threads_per_stage)
-    if not config.system_malloc:
-        keep_freed_memory()
+    set_malloc(config.system_malloc)
     # no run folder: its checkpoints (of an earlier run) are not this measurement's concern
     stages, shapes = validate(task, dataclasses.replace(config, run_dir=os.devnull, resume=None))
     config = dataclasses.replace(config, log_every=10**9, snapshot_every=0, eval_every=0, checkpoint_every=0,
@@ -134,7 +133,7 @@ def stage_step_times(task: PipelineTask, config: PipelineConfig, repeats: int = 
     def read() -> None:
         unpack(next(batches))
 
-    input_s = _interleaved_medians([read], repeats, 1)[0]
+    input_s = interleaved_medians([read], repeats, 1)[0]
     per_example = [tuple(s[1:]) for s in shapes]
     metrics = JsonLines(Path(os.devnull))
     gradients: dict[torch.Size, torch.Tensor] = {}
@@ -152,7 +151,7 @@ def stage_step_times(task: PipelineTask, config: PipelineConfig, repeats: int = 
                                    task, per_example, metrics, sinks[-1]))
         inp = x if i == 0 else torch.randn(x.shape[0], *shapes[i - 1][1:])
         fns.append(_stepper(workers[-1], inp, y))
-    medians = _interleaved_medians(fns, repeats, warmup)
+    medians = interleaved_medians(fns, repeats, warmup)
     metrics.close()
     return [{"stage": i, "step_s": median, **_breakdown(sink.events, repeats + warmup, median),
              "optimizer_s": _optimizer_seconds(worker, repeats),
