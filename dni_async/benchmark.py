@@ -31,8 +31,9 @@ from .schedule_cost import scale_microbatch_costs, schedule_batch_times
 from .schedule_model import predict
 from .stage_cost import stage_step_times
 from .task import PipelineTask
+from .transport import resolve_transport
 
-__all__ = ["BENCH_MODES", "BenchmarkSpec", "environment", "job_config", "parse_label", "time_to_target",
+__all__ = ["BENCH_MODES", "BenchmarkSpec", "environment", "job_config", "parse_label", "run_job", "time_to_target",
            "run_benchmark"]
 
 log = logging.getLogger("dni_async.benchmark")
@@ -142,8 +143,8 @@ def _micro_args(spec: BenchmarkSpec, label: str) -> list[str] | None:
     return [*_job_args(spec, "backprop"), "--batch-size", str(config.batch_size // config.microbatches)]
 
 
-def _run_job(spec: BenchmarkSpec, mode: str, run_dir: Path) -> dict[str, Any]:
-    """One torchrun job; its summary.json. Raises RuntimeError (with the log's tail) if it fails."""
+def run_job(spec: BenchmarkSpec, mode: str, run_dir: Path) -> dict[str, Any]:
+    """One torchrun job of entry ``mode``; its summary.json. Raises RuntimeError (with the log's tail) if it fails."""
     args = _job_args(spec, mode)
     nproc = 1 if mode == "single" else spec.stages
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
@@ -234,8 +235,9 @@ def run_benchmark(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], Pipe
     rounds = []
     link, cores, sharing = None, len(os.sched_getaffinity(0)), 1.0
     if any(m != "single" for m in spec.modes):
-        link = measure_link(base.transport, keep_memory=not base.system_malloc)
-        on_job(f"link between two stages ({base.transport}): {link.latency_s * 1e6:.0f} us latency, "
+        transport = resolve_transport(base.transport, torch.device("cpu"))  # the model is of CPU stages
+        link = measure_link(transport, keep_memory=not base.system_malloc)
+        on_job(f"link between two stages ({transport}): {link.latency_s * 1e6:.0f} us latency, "
                f"{link.bandwidth_bps / 1e9:.2f} GB/s")
         sharing = measure_sharing(spec.stages, cores, base.threads_per_stage, keep_memory=not base.system_malloc)
         on_job(f"{spec.stages} stages on {cores} cores: a step costs {sharing:.2f}x its CPU time alone")
@@ -248,7 +250,7 @@ def run_benchmark(spec: BenchmarkSpec, get_task: Callable[[PipelineConfig], Pipe
         for mode in spec.modes:
             run_dir = spec.out / "runs" / f"{mode}-{repeat}"
             start = time.perf_counter()
-            summary = _run_job(spec, mode, run_dir)
+            summary = run_job(spec, mode, run_dir)
             done += 1
             summaries[mode].append(summary)
             dirs[mode].append(str(run_dir))

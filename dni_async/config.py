@@ -7,8 +7,10 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
+import torch
+
 from .methods import METHODS, MODES, Method
-from .transport import TRANSPORTS
+from .transport import TRANSPORT_CHOICES
 
 __all__ = ["MIN_PEER_TIMEOUT", "MODES", "PIPELINING_TASKS", "SG_KINDS", "TASK_DEFAULTS", "PipelineConfig",
            "add_arguments", "config_from_args"]
@@ -87,8 +89,12 @@ class PipelineConfig:
     system_malloc: bool = False
     """Leave glibc's malloc thresholds as they are (default: fixed so that freed memory stays in the process,
     ``dni_async.allocator``)."""
-    transport: str = "zmq"
-    """Data-plane transport."""
+    transport: str = "auto"
+    """Data-plane transport: ``auto`` is ``cuda-ipc`` for a stage on a GPU (a ring in GPU memory to a neighbour
+    on a GPU of this host, zmq from page-locked memory to any other), ``zmq`` for a stage on the CPU."""
+    sync_check: bool = False
+    """Run the GPU stages under ``torch.cuda.set_sync_debug_mode("error")``: a wait for the device outside the
+    stage loop's named ones (``dni_async.host_sync``) fails the run where it happens."""
     run_dir: str = "runs/latest"
     """Where metrics, summaries and stage files go."""
     eval_every: int = 0
@@ -147,8 +153,16 @@ class PipelineConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         if self.stages < 1:
             raise ValueError(f"--stages must be >= 1, got {self.stages}")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"--transport must be one of {sorted(TRANSPORTS)}, got {self.transport!r}")
+        if self.transport not in TRANSPORT_CHOICES:
+            raise ValueError(f"--transport must be one of {TRANSPORT_CHOICES}, got {self.transport!r}")
+        if self.transport == "cuda-ipc" and (self.devices is None and not torch.cuda.is_available()
+                                             or any(d == "cpu" for d in self.devices or [])):
+            raise ValueError("--transport cuda-ipc carries GPU stages' tensors; a stage here is on the CPU")
+        if self.sync_check and (self.devices is None and not torch.cuda.is_available()
+                                or any(d == "cpu" for d in self.devices or [])):
+            raise ValueError("--sync-check checks GPU stages; a stage here is on the CPU")
+        if self.sync_check and self.method.pipelining:
+            raise ValueError(f"--sync-check checks the stage loop; --mode {self.mode} runs torch's schedule")
         if self.sg not in SG_KINDS:
             raise ValueError(f"--sg must be one of {SG_KINDS}, got {self.sg!r}")
         if self.steps is not None and self.steps < 1:
@@ -196,8 +210,9 @@ class PipelineConfig:
             stage_loop = [m for m in MODES if not METHODS[m].pipelining]
             raise ValueError(f"--checkpoint-every and --resume cover the modes {', '.join(stage_loop)}, not the "
                              f"--mode {self.mode} baseline")
-        if self.curve_keys is not None and self.transport != "zmq":
-            raise ValueError(f"--curve-keys secures the zmq transport; --transport {self.transport} has no CURVE")
+        if self.curve_keys is not None and self.transport == "rpc":
+            raise ValueError("--curve-keys secures the zmq channels (of zmq, shm, cuda-ipc); --transport rpc has no "
+                             "CURVE")
         if self.devices is not None and len(self.devices) != self.stages:
             raise ValueError(f"--devices names {len(self.devices)} devices for {self.stages} stages")
 
@@ -275,8 +290,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--system-malloc", action="store_true",
       help="leave glibc's malloc as it is: by default a stage keeps the memory it frees (up to 512 MiB) "
            "instead of returning it to the kernel and faulting it in again every step")
-    a("--transport", choices=sorted(TRANSPORTS), default=d.transport,
-      help=f"data-plane transport (default: {d.transport})")
+    a("--transport", choices=TRANSPORT_CHOICES, default=d.transport,
+      help="data-plane transport: zmq (tcp), rpc, shm (CPU stages: shared memory to neighbours on this host), "
+           "cuda-ipc (GPU stages: GPU memory to neighbours on this host's GPUs); auto: cuda-ipc on a GPU, else "
+           f"zmq (default: {d.transport})")
+    a("--sync-check", action="store_true",
+      help="GPU stages: fail on any wait for the GPU outside the named ones (metrics line, checkpoint, ...)")
     a("--run-dir", default=d.run_dir,
       help=f"output folder, one run at a time (a second run into it is refused) (default: {d.run_dir})")
     a("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps; 0 = at the end (default: 0)")

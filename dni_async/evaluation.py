@@ -7,11 +7,12 @@ from typing import Any, Callable
 
 import torch
 
+from .host_sync import host_sync
 from .metrics import LineWriter
 from .recurrent import reset_states
 from .snapshots import Snapshots
 from .sources import StageIO
-from .task import EvalData, unpack
+from .task import EvalData, Sum, unpack
 from .transport import Message
 
 __all__ = ["StageEval"]
@@ -34,7 +35,7 @@ class StageEval:
 
     def __init__(self, io: StageIO, snapshots: Snapshots, metrics: LineWriter, before: Callable[[int], None]) -> None:
         self.io, self.snapshots, self.metrics, self.before = io, snapshots, metrics, before
-        self.sums: dict[str, dict[str, float]] = {"eval": {}, "train": {}}
+        self.sums: dict[str, dict[str, Sum]] = {"eval": {}, "train": {}}
         self.final_eval: dict[str, Any] | None = None
         self.evals: dict[str, dict[str, Any]] = {}          # latest eval summary of each split
         self.curve_evals: dict[int, dict[str, Any]] = {}    # last stage: eval summary of each snapshot step
@@ -60,7 +61,7 @@ class StageEval:
             self.io.stats.busy_s += time.perf_counter() - start
             self.io.send_forward(Message("eval", msg.step, self.io.stage, [h, y], msg.meta))
             return
-        summary = self.score("eval", h, y.to(self.io.device), msg.meta)
+        summary = self.score("eval", h, self.io.to_device(y), msg.meta)
         if summary is not None and "snapshot" in summary:
             self.curve_evals[int(summary["snapshot"])] = summary
         elif summary is not None:
@@ -78,7 +79,9 @@ class StageEval:
         self.io.task.add_metrics(sums, output, labels)
         if not meta.get("last"):
             return None
-        summary: dict[str, Any] = {**self.io.task.summarize(sums),
+        with host_sync("scored group"):
+            figures = self.io.task.summary(sums)
+        summary: dict[str, Any] = {**figures,
                                    **{k: v for k, v in meta.items() if k not in ("last", "reset")}}
         sums.clear()
         self.io.latest.update({f"{group}_{k}": v for k, v in summary.items()})
@@ -91,6 +94,6 @@ class StageEval:
         block.eval()
         if meta.get("reset"):
             reset_states(block, training=False)
-        out = block(x.to(self.io.device))
+        out = block(self.io.to_device(x))
         block.train()
         return out  # type: ignore[no-any-return]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .divergence import check_finite
+from .host_sync import host_sync
 from .metrics import LineWriter, rss_mb
 
 if TYPE_CHECKING:
@@ -78,9 +79,11 @@ class SaveGrads(StepHook):
     def before_update(self, step: int) -> None:
         if step != self.step:
             return
-        grads = {n: p.grad.detach().cpu().clone() for n, p in self.block.named_parameters() if p.grad is not None}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(grads, self.path)
+        with host_sync("saved gradients"):
+            grads = {n: p.grad.detach().cpu().clone() for n, p in self.block.named_parameters()
+                     if p.grad is not None}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(grads, self.path)
 
 
 class CheckpointEvery(StepHook):
@@ -98,7 +101,8 @@ class CheckpointEvery(StepHook):
     def after_step(self, t: int) -> None:
         if self.checkpointer.due(t + 1):
             self.source.flush(t)
-            self.checkpointer.save(t + 1, self.state())
+            with host_sync("checkpoint"):
+                self.checkpointer.save(t + 1, self.state())
 
 
 class MetricsEvery(StepHook):
@@ -118,6 +122,12 @@ class MetricsEvery(StepHook):
         config = self.io.config
         if (t + 1) % config.log_every:
             return
+        with host_sync("metrics line"):
+            self._write(t)
+
+    def _write(self, t: int) -> None:
+        """The metrics line of step ``t``, then the divergence check."""
+        config = self.io.config
         now = time.perf_counter()
         line: dict[str, Any] = {
             "stage": self.io.stage, "step": t, "time": time.time(),

@@ -29,7 +29,7 @@ from .snapshots import Snapshots, accuracy_curve
 from .sources import local_head
 from .task import PipelineTask
 from .tensorboard import require_tensorboard
-from .transport import PeerLost, Transport
+from .transport import PeerLost, Transport, resolve_transport
 
 __all__ = ["STOP_SIGNALS", "StageRun", "headline", "prepare", "setup_logging", "stage_run", "validate",
            "write_summary"]
@@ -182,6 +182,11 @@ class StageRun:
     _end_lock: threading.RLock = field(default_factory=threading.RLock)  # a signal may come during end()
 
     @property
+    def transport_name(self) -> str:
+        """This stage's transport (``--transport``, ``auto`` resolved for its device)."""
+        return resolve_transport(self.config.transport, self.env.device)
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.config.run_dir)
 
@@ -223,7 +228,7 @@ class StageRun:
         path = self.run_dir / "stages" / f"stage-{env.rank}.json"
         content = {
             "stage": env.rank, "rank": env.rank, "pid": os.getpid(), "host": env.host, "device": str(env.device),
-            "threads": config.threads_per_stage, "transport": config.transport,
+            "threads": config.threads_per_stage, "transport": self.transport_name,
             "endpoints": {"data": self.endpoint} if self.endpoint else {}, "malloc": self.malloc, "status": status,
             **({"reason": reason} if reason else {}),
         }

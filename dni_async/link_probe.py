@@ -39,25 +39,27 @@ class Link:
         return {"latency_s": self.latency_s, "bandwidth_bps": self.bandwidth_bps}
 
 
-def _echo(transport_name: str, keep_memory: bool, pipe: Connection) -> None:
-    """Stage 1 of the probe: answer every ``act`` with a ``grad`` of the same tensor until ``stop``."""
+def _echo(transport_name: str, keep_memory: bool, device: str, pipe: Connection) -> None:
+    """Stage 1 of the probe: answer every ``act`` with a ``grad`` of the same tensor, on ``device``, until
+    ``stop``."""
     torch.set_num_threads(1)
     set_malloc(not keep_memory)  # as the stages do, unless --system-malloc
-    transport = make_transport(transport_name, 1, 2, TransportOptions())
+    transport = make_transport(transport_name, 1, 2, TransportOptions(device=device))
     try:
         pipe.send(transport.bind())
         transport.connect(pipe.recv())
         while (msg := transport.recv("forward")) is not None and msg.kind == "act":
-            transport.send(0, Message("grad", msg.step, 1, msg.tensors))
+            transport.send(0, Message("grad", msg.step, 1, [t.to(device, non_blocking=True) for t in msg.tensors]))
     finally:
         transport.close()
 
 
 def measure_link(transport_name: str = "zmq", round_trips: int = 40, timeout: float = 60.0,
-                 keep_memory: bool = True) -> Link:
-    """Measure :class:`Link` between two processes over ``transport_name`` on loopback, as stages use it: a
-    message of each of :data:`SIZES` sent forward and echoed back ``round_trips`` times; one way is half the
-    median round trip (receiving thread, queue and decoding included).
+                 keep_memory: bool = True, device: str = "cpu", sizes: tuple[int, int] = SIZES) -> Link:
+    """Measure :class:`Link` between two processes over ``transport_name`` on this host, as stages use it: a
+    message of each of ``sizes`` bytes sent forward and echoed back ``round_trips`` times; one way is half the
+    median round trip (receiving thread, queue and decoding included). On a GPU (``device``) both processes use
+    it, and a round trip ends when the echoed tensor is on the device (copies included, a device sync).
 
     Raises:
         RuntimeError: if the echoing process does not answer within ``timeout`` seconds.
@@ -66,9 +68,9 @@ def measure_link(transport_name: str = "zmq", round_trips: int = 40, timeout: fl
     set_malloc(not keep_memory)  # as the stages do, unless --system-malloc
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    echo = ctx.Process(target=_echo, args=(transport_name, keep_memory, there), daemon=True)
+    echo = ctx.Process(target=_echo, args=(transport_name, keep_memory, device, there), daemon=True)
     echo.start()
-    transport = make_transport(transport_name, 0, 2, TransportOptions(peer_timeout=timeout))
+    transport = make_transport(transport_name, 0, 2, TransportOptions(peer_timeout=timeout, device=device))
     try:
         endpoints: dict[int, Any] = {0: transport.bind()}
         if not here.poll(timeout):
@@ -77,14 +79,17 @@ def measure_link(transport_name: str = "zmq", round_trips: int = 40, timeout: fl
         here.send(endpoints)
         transport.connect(endpoints)
         one_way = []
-        for size in SIZES:
-            tensor = torch.ones(size // 4)
+        for size in sizes:
+            tensor = torch.ones(size // 4, device=device)
             times = []
-            for step in range(round_trips + 3):  # the first three warm the connection up
+            for step in range(round_trips + 3):  # the first three warm the connection (and a ring) up
                 start = time.perf_counter()
                 transport.send(1, Message("act", step, 0, [tensor]))
-                if transport.recv("backward", timeout=timeout) is None:
+                if (back := transport.recv("backward", timeout=timeout)) is None:
                     raise RuntimeError(f"the link probe got no answer in {timeout:g} s")
+                if device != "cpu":
+                    back.tensors[0].to(device, non_blocking=True)
+                    torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - start)
             one_way.append(statistics.median(times[3:]) / 2)
         transport.send(1, Message("stop", 0, 0))
@@ -94,4 +99,4 @@ def measure_link(transport_name: str = "zmq", round_trips: int = 40, timeout: fl
             echo.kill()
         transport.close()
     extra = max(one_way[1] - one_way[0], 1e-9)
-    return Link(latency_s=one_way[0], bandwidth_bps=(SIZES[1] - SIZES[0]) / extra)
+    return Link(latency_s=one_way[0], bandwidth_bps=(sizes[1] - sizes[0]) / extra)

@@ -8,6 +8,7 @@ from typing import Any
 
 from .checkpoint import Checkpointer, check_compatible, load_stage, newest_complete
 from .config import PipelineConfig
+from .host_sync import sync_check
 from .lifecycle import StageRun, check_resume_step, stage_run
 from .metrics import steady_samples_per_s, tee
 from .runtime import await_key
@@ -39,12 +40,34 @@ def _connect(run: StageRun) -> str:
     """Build the data-plane transport, publish this stage's endpoint through the torchrun store, connect."""
     config, env = run.config, run.env
     options = TransportOptions(bind_host=config.bind, advertise_host=config.advertise, queue_size=config.queue_size,
-                               peer_timeout=config.peer_timeout, curve_keys=config.curve_keys)
-    run.transport = make_transport(config.transport, env.rank, config.stages, options)
+                               peer_timeout=config.peer_timeout, curve_keys=config.curve_keys, device=str(env.device))
+    run.transport = make_transport(run.transport_name, env.rank, config.stages, options)
     endpoint = run.transport.bind()
     env.store.set(f"dni_async/endpoint/{env.rank}", endpoint)
     run.transport.connect({r: await_key(env.store, f"dni_async/endpoint/{r}").decode() for r in range(config.stages)})
     return endpoint
+
+
+def _train(run: StageRun, worker: StageWorker, data: Any) -> Any:
+    """Train this stage (stage 0 reads ``data`` and shows progress), evaluate; the data set's description
+    (stage 0) or None."""
+    if data is None:
+        worker.run_next()
+        return None
+    config = run.config
+    batches, steps, eval_data, dataset = data
+    bar = run.progress(steps)
+
+    def on_step(t: int, latest: dict[str, Any]) -> None:
+        bar.update(1)
+        rate = steady_samples_per_s(worker.stats.step_times, config.batch_size, 0.0)
+        post = {"samples/s": f"{rate:.0f}" if rate else "-"}
+        post.update({k: f"{v:.3f}" for k, v in latest.items() if isinstance(v, float)})
+        bar.set_postfix(post, refresh=False)
+
+    worker.run_first(batches, steps, eval_data, on_step)
+    bar.close()
+    return dataset
 
 
 def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] | None:
@@ -78,22 +101,8 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
         if resume is not None:
             worker.restore(resume)
         run.started()
-        dataset = None
-        if data is not None:
-            batches, steps, eval_data, dataset = data
-            bar = run.progress(steps)
-
-            def on_step(t: int, latest: dict[str, Any]) -> None:
-                bar.update(1)
-                rate = steady_samples_per_s(worker.stats.step_times, config.batch_size, 0.0)
-                post = {"samples/s": f"{rate:.0f}" if rate else "-"}
-                post.update({k: f"{v:.3f}" for k, v in latest.items() if isinstance(v, float)})
-                bar.set_postfix(post, refresh=False)
-
-            worker.run_first(batches, steps, eval_data, on_step)
-            bar.close()
-        else:
-            worker.run_next()
+        with sync_check(config.sync_check):
+            dataset = _train(run, worker, data)
         run.stopped()
         worker.stats.cpu_s = run.cpu_s
         per_stage = {**worker.stats.summary(run.transport.stats, run.wall, config.threads_per_stage),
@@ -102,5 +111,5 @@ def run_pipeline(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] |
             per_stage.update(checkpoints_saved=checkpoints.saved, checkpoint_s=round(checkpoints.seconds, 3))
         resumed = {"run_dir": config.resume, "step": worker.start_step} if config.resume else None
         return run.finish(per_stage, worker.stats.step_times, worker.snapshots, worker.eval.final_eval,
-                          worker.eval.curve_evals, dataset, config.transport, evals=worker.eval.evals,
+                          worker.eval.curve_evals, dataset, run.transport_name, evals=worker.eval.evals,
                           resumed_from=resumed)

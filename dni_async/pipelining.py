@@ -28,12 +28,13 @@ from torch.distributed.pipelining import PipelineStage
 
 from .config import PipelineConfig
 from .divergence import check_finite
+from .host_sync import host_sync
 from .lifecycle import stage_run
 from .metrics import tee
 from .optim import fast_adam
 from .runtime import StageEnv
 from .snapshots import Snapshots
-from .task import Item, PipelineTask, unpack
+from .task import Item, PipelineTask, Sum, unpack
 from .tensorboard import stage_board
 
 __all__ = ["run_pipelining"]
@@ -54,7 +55,7 @@ def _evaluate(block: nn.Module, env: StageEnv, shapes: list[torch.Size], task: P
     """One pass over the eval items through every stage (eval mode); the summary on the last stage."""
     first, last = env.rank == 0, env.rank == env.world_size - 1
     count = _broadcast_int(len(items) if first and items is not None else 0)
-    sums: dict[str, float] = {}
+    sums: dict[str, Sum] = {}
     block.eval()
     for k in range(count):
         if first:
@@ -74,7 +75,25 @@ def _evaluate(block: nn.Module, env: StageEnv, shapes: list[torch.Size], task: P
             dist.send(torch.tensor([h.shape[0]], dtype=torch.int64), dst=env.rank + 1)
             dist.send(h.detach().cpu().contiguous(), dst=env.rank + 1)
     block.train()
-    return task.summarize(sums) if last else None
+    return task.summary(sums) if last else None
+
+
+class _ThroughHost(nn.Module):
+    """A block on a GPU that another stage shares, for torch's schedule on the host: its input goes to the GPU,
+    its output comes back (NCCL cannot put two ranks on one GPU, and gloo sends host tensors only)."""
+
+    def __init__(self, block: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.block, self.device = block, device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x.to(self.device)).cpu()  # type: ignore[no-any-return]
+
+
+def shares_a_gpu(devices: list[str] | None) -> bool:
+    """Whether ``--devices`` puts two stages on one GPU."""
+    gpus = [d.strip().removeprefix("cuda:") for d in devices or [] if d.strip() != "cpu"]
+    return len(set(gpus)) < len(gpus)
 
 
 def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any] | None:
@@ -87,13 +106,17 @@ def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any]
         if env.is_main:
             log.info("config: %s", config.to_dict())
         block = run.stages[env.rank].to(env.device)
-        group = dist.new_group(backend="nccl") if env.device.type == "cuda" else None
+        # stages on GPUs of their own talk over NCCL; stages that share a GPU through the host, over gloo
+        through_host = env.device.type == "cuda" and shares_a_gpu(config.devices)
+        schedule_device = torch.device("cpu") if through_host else env.device
+        group = dist.new_group(backend="nccl") if schedule_device.type == "cuda" else None
         # Shapes given up front (PipelineStage's static mode). Otherwise it infers them at the first step by
         # running the block on uninitialised placeholders in training mode, which puts garbage into BatchNorm's
         # running statistics, and sends the shapes between stages as pickled objects.
         micro = config.batch_size // config.microbatches
         in_shape = task.input_shape if first else tuple(shapes[env.rank - 1][1:])
-        stage = PipelineStage(block, env.rank, config.stages, env.device, group=group,
+        stage = PipelineStage(_ThroughHost(block, env.device) if through_host else block, env.rank, config.stages,
+                              schedule_device, group=group,
                               input_args=torch.empty(micro, *in_shape, dtype=task.input_dtype, device="meta",
                                                      requires_grad=not first),
                               output_args=torch.empty(micro, *shapes[env.rank][1:], device="meta",
@@ -121,20 +144,21 @@ def run_pipelining(task: PipelineTask, config: PipelineConfig) -> dict[str, Any]
                 assert batches is not None
                 x, y, _ = unpack(next(batches))
             if first:
-                schedule.step(x.to(env.device))
+                schedule.step(x.to(schedule_device))
             elif last:
                 losses = []
-                schedule.step(target=y.to(env.device), losses=losses, return_outputs=False)
+                schedule.step(target=y.to(schedule_device), losses=losses, return_outputs=False)
             else:
                 schedule.step()
             opt.step()
             step_times.append(time.perf_counter())
             snapshots.maybe_take(t + 1)
             if (t + 1) % config.log_every == 0:
-                line = {"loss": float(torch.stack(losses).detach().mean())} if last and losses else {}
-                if line:
-                    metrics.write({"stage": env.rank, "step": t, "time": time.time(), **line})
-                check_finite(t, env.rank, line, block)
+                with host_sync("metrics line"):
+                    line = {"loss": float(torch.stack(losses).detach().mean())} if last and losses else {}
+                    if line:
+                        metrics.write({"stage": env.rank, "step": t, "time": time.time(), **line})
+                    check_finite(t, env.rank, line, block)
             bar.update(1)
         bar.close()
         run.stopped()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import math
+import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import msgpack
@@ -11,7 +13,8 @@ import torch
 
 from .transport.base import KINDS, Message
 
-__all__ = ["VERSION", "DTYPES", "MAX_HEADER_BYTES", "ProtocolError", "Frame", "encode", "decode", "frame_nbytes"]
+__all__ = ["VERSION", "DTYPES", "MAX_HEADER_BYTES", "ProtocolError", "Frame", "Header", "encode", "decode",
+           "decode_header", "frame_nbytes"]
 
 # [Note: the wire format]
 #
@@ -19,6 +22,11 @@ __all__ = ["VERSION", "DTYPES", "MAX_HEADER_BYTES", "ProtocolError", "Frame", "e
 #                             "tensors": [{"dtype": str, "shape": [int, ...]}, ...],
 #                             "meta": {str: msgpack-native value}}
 #   frame 1..n   the raw bytes of tensor k, C order, native (little-endian) byte order
+#
+# A message of the ring transports (transport/ring.py) carries its tensors in a
+# shared slot instead of raw frames: its header has one more key, "ring" (a map
+# that ring.py validates: generation, slot, offsets, and the ring's handles when
+# it is new), and no frame follows the header.
 #
 # A frame is only ever read as msgpack (with strict size limits, no ext types)
 # or as the raw numbers of an allowlisted dtype and declared shape: nothing on
@@ -52,6 +60,7 @@ MAX_HEADER_BYTES = 1 << 20
 _MAX_TENSORS = 4096
 _MAX_NDIM = 64
 _HEADER_KEYS = frozenset({"v", "kind", "step", "src", "tensors", "meta"})
+_RING_KEYS = _HEADER_KEYS | {"ring"}
 _UNPACK_LIMITS = dict(
     max_str_len=MAX_HEADER_BYTES,
     max_bin_len=MAX_HEADER_BYTES,
@@ -113,16 +122,19 @@ def _raw_frame(tensor: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def encode(msg: Message) -> list[Frame]:
+def encode(msg: Message, ring: dict[str, Any] | None = None) -> list[Frame]:
     """Turn a message into frames, without copying contiguous CPU tensors.
 
     Non-contiguous tensors are made contiguous and CUDA tensors are copied to the
-    host first. The raw frames alias the tensors' memory: the tensors must not be
-    modified in place until the frames have been sent (see ``ZmqTransport.send``).
-    Tuples in ``meta`` are encoded as lists.
+    host first (a wait for the device: GPU stages hand ``encode`` host tensors,
+    see transport/device_sender.py). The raw frames alias the tensors' memory: the
+    tensors must not be modified in place until the frames have been sent (see
+    ``ZmqTransport.send``). Tuples in ``meta`` are encoded as lists.
 
     Args:
         msg: the message; ``msg.kind`` must be one of ``KINDS``.
+        ring: where a ring transport put the tensors (ring.py): the header declares them and carries this map;
+            no raw frame is made and the tensors' data is not read.
 
     Returns:
         ``[header, raw_0, ..., raw_n-1]``: the header as bytes, each tensor as a memoryview.
@@ -144,13 +156,16 @@ def encode(msg: Message) -> list[Frame]:
             raise ProtocolError(f"tensor {k} must be a dense torch.Tensor, got {type(tensor).__name__}")
         if tensor.dtype not in _NAMES:
             raise ProtocolError(f"tensor {k} has dtype {tensor.dtype}, not one of {sorted(DTYPES)}")
+        specs.append({"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape)})
+        if ring is not None:
+            continue
         tensor = tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        tensor = tensor.resolve_conj().resolve_neg().contiguous()
-        specs.append({"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape)})
-        raws.append(_raw_frame(tensor))
+        raws.append(_raw_frame(tensor.resolve_conj().resolve_neg().contiguous()))
     header = {"v": VERSION, "kind": msg.kind, "step": msg.step, "src": msg.src, "tensors": specs, "meta": msg.meta}
+    if ring is not None:
+        header["ring"] = ring
     try:
         packed = msgpack.packb(header, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as err:
@@ -202,23 +217,27 @@ def _check_specs(specs: Any, max_bytes: int) -> list[tuple[torch.dtype, list[int
     return out
 
 
-def decode(frames: Sequence[Any], max_bytes: int) -> Message:
-    """Turn frames back into a message, validating everything; copies each payload once.
+@dataclass
+class Header:
+    """A validated header frame: the message without its tensors' data."""
 
-    Args:
-        frames: the header frame, then one raw frame per tensor (bytes, bytearray,
-            memoryview or zmq.Frame); the frames may be released once this returns.
-        max_bytes: largest total tensor payload accepted, in bytes.
+    kind: str
+    step: int
+    src: int
+    specs: list[tuple[torch.dtype, list[int], int]]
+    """(dtype, shape, nbytes) of each tensor, checked against the byte limit."""
+    meta: dict[str, Any]
+    ring: Any = None
+    """The ``ring`` map of a ring transport's message (not yet validated: ring.py does that); None otherwise."""
 
-    Returns:
-        The message. Its CPU tensors own their memory and are writable.
+
+def decode_header(frame: Any, max_bytes: int) -> Header:
+    """Parse and validate a header frame (``ring`` is only checked to be there or not).
 
     Raises:
         ProtocolError: for anything malformed; the message says what.
     """
-    if len(frames) == 0:
-        raise ProtocolError("no frames")
-    head = _as_buffer(frames[0])
+    head = _as_buffer(frame)
     if head.nbytes > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {head.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     try:
@@ -231,15 +250,38 @@ def decode(frames: Sequence[Any], max_bytes: int) -> Message:
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
     if header.get("v") != VERSION or type(header.get("v")) is not int:
         raise ProtocolError(f"unsupported protocol version {header.get('v')!r:.40}; this side speaks {VERSION}")
-    if set(header) != _HEADER_KEYS:
-        raise ProtocolError(f"header keys must be {sorted(_HEADER_KEYS)}, got {sorted(map(str, header))!r:.200}")
+    if set(header) not in (_HEADER_KEYS, _RING_KEYS):
+        raise ProtocolError(f"header keys must be {sorted(_HEADER_KEYS)} (and 'ring' from a ring transport), "
+                            f"got {sorted(map(str, header))!r:.200}")
     kind = header["kind"]
     if kind not in KINDS:
         raise ProtocolError(f"unknown message kind {kind!r:.40}; expected one of {KINDS}")
-    step = _check_index("step", header["step"])
-    src = _check_index("src", header["src"])
-    meta = _check_meta(header["meta"])
-    specs = _check_specs(header["tensors"], max_bytes)
+    return Header(kind, _check_index("step", header["step"]), _check_index("src", header["src"]),
+                  _check_specs(header["tensors"], max_bytes), _check_meta(header["meta"]), header.get("ring"))
+
+
+def decode(frames: Sequence[Any], max_bytes: int, pin_memory: bool = False) -> Message:
+    """Turn frames back into a message, validating everything; copies each payload once.
+
+    Args:
+        frames: the header frame, then one raw frame per tensor (bytes, bytearray,
+            memoryview or zmq.Frame); the frames may be released once this returns.
+        max_bytes: largest total tensor payload accepted, in bytes.
+        pin_memory: copy the payloads into page-locked memory (a GPU stage's receiver: the stage's copy to
+            the device can then be ``non_blocking``).
+
+    Returns:
+        The message. Its CPU tensors own their memory and are writable.
+
+    Raises:
+        ProtocolError: for anything malformed, or a ring transport's header; the message says what.
+    """
+    if len(frames) == 0:
+        raise ProtocolError("no frames")
+    header = decode_header(frames[0], max_bytes)
+    if header.ring is not None:
+        raise ProtocolError("a ring transport's message (its tensors are in a shared slot) on a plain channel")
+    specs = header.specs
     if len(frames) != 1 + len(specs):
         raise ProtocolError(f"{len(specs)} tensors declared but {len(frames) - 1} raw frames received")
     buffers = [_as_buffer(f) for f in frames[1:]]
@@ -249,8 +291,14 @@ def decode(frames: Sequence[Any], max_bytes: int) -> Message:
     tensors = []
     for (dtype, shape, nbytes), buf in zip(specs, buffers):
         if nbytes == 0:
-            tensors.append(torch.empty(shape, dtype=dtype))
+            tensors.append(torch.empty(shape, dtype=dtype, pin_memory=pin_memory))
+        elif pin_memory:
+            out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # the one copy, into page-locked memory
+            with warnings.catch_warnings():  # a read-only frame: only read here, by the copy
+                warnings.simplefilter("ignore", UserWarning)
+                out.copy_(torch.frombuffer(buf, dtype=torch.uint8))
+            tensors.append(out.view(dtype).reshape(shape))
         else:
             # bytearray(): the one copy; the tensor keeps the bytearray alive.
             tensors.append(torch.frombuffer(bytearray(buf), dtype=dtype).reshape(shape))
-    return Message(kind=kind, step=step, src=src, tensors=tensors, meta=meta)
+    return Message(kind=header.kind, step=header.step, src=header.src, tensors=tensors, meta=header.meta)

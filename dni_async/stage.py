@@ -15,6 +15,7 @@ from .checkpoint import Checkpointer
 from .config import PipelineConfig
 from .evaluation import StageEval
 from .hooks import CheckpointEvery, Faults, Hooks, MetricsEvery, SaveGrads
+from .host_sync import host_sync
 from .lifecycle import check_resume_step
 from .metrics import LineWriter, StageStats
 from .recurrent import carried_states, load_carried_states, reset_states
@@ -149,7 +150,7 @@ class StageWorker:
         io, source = self.io, self.source
         self.hooks.before_step(t)
         start, blocked = time.perf_counter(), io.blocked_s
-        x, y = x.to(io.device), y.to(io.device)
+        x, y = io.to_device(x), io.to_device(y)
         if io.needs_input_grad:
             x.requires_grad_(True)
         source.before_forward(t)
@@ -191,8 +192,9 @@ class StageWorker:
         if not io.first:
             io.send(io.stage - 1, Message("stop", io.stats.steps, io.stage))
         self.snapshots.select(None)
-        self.source.log_fields()  # the last losses into the stats
-        self.summary_fields = self.source.summary_fields()
+        with host_sync("summary"):
+            self.source.log_fields()  # the last losses into the stats
+            self.summary_fields = self.source.summary_fields()
         self.trace.flush()
 
     # ----------------------------------------------------------- checkpoints
@@ -208,7 +210,7 @@ class StageWorker:
             "data_position": io.stats.steps,
             "data": io.task.data_state() if io.first and io.task.data_state is not None else None,
             "recurrent": carried_states(io.block),
-            "sums": {group: dict(sums) for group, sums in self.eval.sums.items()},
+            "sums": {group: {k: float(v) for k, v in sums.items()} for group, sums in self.eval.sums.items()},
             "latest": {k: v for k, v in io.latest.items() if isinstance(v, (bool, int, float, str))},
         }
 

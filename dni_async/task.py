@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Batch", "Item", "EvalData", "PipelineTask", "unpack", "class_counts", "accuracy"]
+__all__ = ["Batch", "Item", "EvalData", "Sum", "PipelineTask", "unpack", "class_counts", "accuracy"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Item = Union[Batch, tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]
 """``(inputs, labels)`` or ``(inputs, labels, meta)``; see :class:`PipelineTask` for what ``meta`` may hold."""
 EvalData = Union[list[Item], Callable[[bool], list[Item]]]
+Sum = Union[float, torch.Tensor]
+"""One metric sum of a batch: a float, or a 0-d tensor (summed where it is, read once per group)."""
 
 
 def unpack(item: Item) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -24,9 +26,9 @@ def unpack(item: Item) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     return item[0], item[1], {}
 
 
-def class_counts(output: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def class_counts(output: torch.Tensor, labels: torch.Tensor) -> dict[str, Sum]:
     """Correct argmax predictions and examples of a batch of class scores."""
-    return {"correct": float((output.argmax(-1) == labels).sum()), "examples": float(labels.numel())}
+    return {"correct": (output.argmax(-1) == labels).sum(), "examples": float(labels.numel())}
 
 
 def accuracy(sums: dict[str, float]) -> dict[str, float]:
@@ -65,8 +67,9 @@ class PipelineTask:
     """Dtype of the inputs (``torch.long`` for token ids)."""
     context_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     """``labels -> cDNI context`` (float features, or class ids for a ``LinearDNI``); None: one-hot labels."""
-    metric_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] = class_counts
-    """``(output, labels) -> sums`` of one batch on the last stage, added up over a group."""
+    metric_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, Sum]] = class_counts
+    """``(output, labels) -> sums`` of one batch on the last stage, added up over a group. Return 0-d tensors
+    rather than ``float(...)`` of them: a GPU stage then reads them back once per group, not once per batch."""
     summarize: Callable[[dict[str, float]], dict[str, float]] = accuracy
     """Group sums -> the reported figures (e.g. ``accuracy``)."""
     train_metrics: bool = False
@@ -85,10 +88,16 @@ class PipelineTask:
     resume_data: Callable[[dict[str, Any]], None] | None = None
     """Stage 0: make the items of the ``data()`` already called (not yet read) continue from a ``data_state``."""
 
-    def add_metrics(self, sums: dict[str, float], output: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add one batch's :attr:`metric_fn` sums to ``sums`` (a group's running totals)."""
+    def add_metrics(self, sums: dict[str, Sum], output: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one batch's :attr:`metric_fn` sums to ``sums`` (a group's running totals; tensors stay on the
+        device, so that adding never waits for it)."""
         for key, value in self.metric_fn(output, labels).items():
-            sums[key] = sums.get(key, 0.0) + value
+            sums[key] = sums[key] + value if key in sums else value
+
+    def summary(self, sums: dict[str, Sum]) -> dict[str, Any]:
+        """:attr:`summarize` of a group's totals, read back as floats (a wait for the device: call it in a
+        ``host_sync("scored group")``)."""
+        return self.summarize({key: float(value) for key, value in sums.items()})
 
     def context(self, labels: torch.Tensor) -> torch.Tensor:
         """The cDNI context of ``labels``."""

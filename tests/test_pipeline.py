@@ -137,6 +137,23 @@ def test_rpc_transport_end_to_end(tmp_path: Path) -> None:
     assert all(s["messages_sent"] >= 60 and s["rejected_messages"] == 0 for s in summary["per_stage"])
 
 
+def test_shm_transport_trains_exactly_as_zmq(tmp_path: Path) -> None:
+    # locked backprop is deterministic: the same run over shared memory and over tcp ends with the same figures
+    summaries = {}
+    for transport in ("shm", "zmq"):
+        run = tmp_path / transport
+        ok(stages(3, ["--stages", "3", "--mode", "backprop", "--transport", transport, "--steps", "40", *DATA,
+                      "--run-dir", str(run), *SMALL]))
+        summaries[transport] = read_json(run / "summary.json")
+        assert read_json(run / "stages" / "stage-1.json")["transport"] == transport
+    shm, zmq = summaries["shm"], summaries["zmq"]
+    assert shm["transport"] == "shm" and shm["final_eval"] == zmq["final_eval"]
+    assert [s["loss_last"] for s in shm["per_stage"]] == [s["loss_last"] for s in zmq["per_stage"]]
+    assert shm["per_stage"][1]["bytes_sent"] > 40 * 64 * 64 * 4  # the activations went through the ring
+    assert all(s["rejected_messages"] == 0 for s in shm["per_stage"])
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("dni-ring-")]
+
+
 def test_cnn_task_with_conv_sgs(tmp_path: Path) -> None:
     run = tmp_path / "run"
     ok(stages(3, ["--stages", "3", "--task", "mnist-cnn", "--hidden-size", "8", "--mode", "cdni", "--sg", "linear",

@@ -19,6 +19,7 @@ from torch.distributed import TCPStore
 
 from dni_async.protocol import DTYPES
 from dni_async.transport import TRANSPORTS, Aborted, Message, PeerLost, Transport, TransportOptions, make_transport
+from dni_async.transport.device_sender import DEPTH
 
 pytestmark = pytest.mark.process
 
@@ -34,6 +35,9 @@ pytestmark = pytest.mark.process
 
 RESULT_TIMEOUT = 30.0
 OPTS: dict[str, Any] = {"queue_size": 4, "peer_timeout": 10.0}
+DEVICE = {"cuda-ipc": "cuda:0"}
+"""The stages' device per transport (cpu where not named)."""
+NO_CUDA = "cuda-ipc carries GPU tensors between processes: no CUDA here (launch/gpu_check.sh runs these on a GPU)"
 
 
 # ---------------------------------------------------------------- peer processes
@@ -117,9 +121,20 @@ def pool() -> Iterator[_Pool]:
         peer.stop()
 
 
-@pytest.fixture(params=sorted(TRANSPORTS))
+@pytest.fixture(params=[pytest.param(n, marks=pytest.mark.cuda) if n in DEVICE else n for n in sorted(TRANSPORTS)])
 def name(request: pytest.FixtureRequest) -> str:
+    if request.param in DEVICE and not torch.cuda.is_available():
+        pytest.skip(NO_CUDA)
     return str(request.param)
+
+
+def _on(name: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` on the device that stages of transport ``name`` are on."""
+    return [t.to(DEVICE.get(name, "cpu")) for t in tensors]
+
+
+def _options(name: str, **options: Any) -> TransportOptions:
+    return TransportOptions(**{**OPTS, "device": DEVICE.get(name, "cpu"), **options})
 
 
 @pytest.fixture
@@ -136,7 +151,7 @@ def store() -> Iterator[TCPStore]:
 def _join(name: str, stage: int, num_stages: int, port: int, **options: Any) -> tuple[TCPStore, Transport]:
     """Build a stage's transport and exchange endpoints through the store, as the runtime does."""
     store = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30))
-    transport = make_transport(name, stage, num_stages, TransportOptions(**{**OPTS, **options}))
+    transport = make_transport(name, stage, num_stages, _options(name, **options))
     store.set(f"endpoint/{stage}", transport.bind())
     transport.connect({s: store.get(f"endpoint/{s}").decode() for s in range(num_stages)})
     return store, transport
@@ -168,12 +183,12 @@ def _check(msg: Message | None, kind: str, step: int, src: int, salt: int) -> No
     want = _payload(step, salt)
     assert len(msg.tensors) == len(want)
     for got, expected in zip(msg.tensors, want):
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
     assert msg.meta == {"step": step, "tag": "t" * (step % 3)}
 
 
-def _msg(kind: str, step: int, src: int, salt: int) -> Message:
-    return Message(kind, step, src, _payload(step, salt), {"step": step, "tag": "t" * (step % 3)})
+def _msg(name: str, kind: str, step: int, src: int, salt: int) -> Message:
+    return Message(kind, step, src, _on(name, _payload(step, salt)), {"step": step, "tag": "t" * (step % 3)})
 
 
 # ---------------------------------------------------------- peer scenarios
@@ -185,7 +200,7 @@ def scenario_first_stage(name: str, port: int, steps: int) -> dict[str, int]:
     grads = 0
     try:
         for step in range(steps):
-            transport.send(1, _msg("act", step, 0, salt=1))
+            transport.send(1, _msg(name, "act", step, 0, salt=1))
             while (msg := transport.recv("backward", 0)) is not None:
                 _check(msg, "grad", grads, 1, salt=2)
                 grads += 1
@@ -207,7 +222,7 @@ def scenario_last_stage(name: str, port: int) -> int:
         step = 0
         while (msg := transport.recv("forward", 10)) is not None and msg.kind != "stop":
             _check(msg, "act", step, 1, salt=3)
-            transport.send(1, _msg("grad", step, 2, salt=4))
+            transport.send(1, _msg(name, "grad", step, 2, salt=4))
             step += 1
         assert msg is not None, "stage 2 got no stop"
         transport.send(1, Message("stop", step, 2))
@@ -223,8 +238,8 @@ def scenario_echo(name: str, port: int, numel: int) -> float:
         msg = transport.recv("forward", 20)
         assert msg is not None and msg.tensors[0].shape == (numel,)
         expected = torch.randn(numel, generator=torch.Generator().manual_seed(5))
-        assert torch.equal(msg.tensors[0], expected)
-        transport.send(0, Message("grad", msg.step, 1, msg.tensors))
+        assert torch.equal(msg.tensors[0].cpu(), expected)
+        transport.send(0, Message("grad", msg.step, 1, _on(name, msg.tensors)))
         return float(msg.tensors[0].sum())
     finally:
         transport.close()
@@ -289,12 +304,12 @@ def scenario_malformed(name: str, port: int, good: int, repeat: int) -> int:
         raw.connect(store.get("endpoint/1").decode().split(";forward=")[1].split(";")[0])
         bad = _bad_messages()
         for step in range(good):
-            transport.send(1, _msg("act", step, 0, salt=6))
+            transport.send(1, _msg(name, "act", step, 0, salt=6))
             for _ in range(repeat):
                 for frames in bad:
                     raw.send_multipart(frames)
         store.wait(["rejected"], timedelta(seconds=30))
-        transport.send(1, _msg("act", good, 0, salt=6))  # still heard after all that
+        transport.send(1, _msg(name, "act", good, 0, salt=6))  # still heard after all that
         store.wait(["done"], timedelta(seconds=30))
         return len(bad) * repeat * good
     finally:
@@ -305,7 +320,9 @@ def scenario_malformed(name: str, port: int, good: int, repeat: int) -> int:
 
 def _in_process(name: str, num_stages: int, **options: Any) -> list[Transport]:
     """All stages in this process (no store needed): for unit tests of the queues."""
-    stages = [make_transport(name, s, num_stages, TransportOptions(**{**OPTS, **options})) for s in range(num_stages)]
+    if name in DEVICE:
+        pytest.skip("a CUDA IPC handle cannot be opened by the process that made it")
+    stages = [make_transport(name, s, num_stages, _options(name, **options)) for s in range(num_stages)]
     endpoints = {s: t.bind() for s, t in enumerate(stages)}
     for transport in stages:
         transport.connect(endpoints)
@@ -332,8 +349,8 @@ def test_order_shapes_and_dtypes_through_a_three_stage_pipeline(name: str, store
                     stops += 1
                 else:
                     _check(msg, "act", acts, 0, salt=1)
-                    middle.send(2, _msg("act", acts, 1, salt=3))
-                    middle.send(0, _msg("grad", acts, 1, salt=2))
+                    middle.send(2, _msg(name, "act", acts, 1, salt=3))
+                    middle.send(0, _msg(name, "grad", acts, 1, salt=2))
                     acts += 1
             while (msg := middle.recv("backward", 0)) is not None:  # drain every grad, as a stage does
                 if msg.kind == "stop":
@@ -357,9 +374,9 @@ def test_large_tensor_both_ways(name: str, store: TCPStore, pool: _Pool) -> None
     _, transport = _join(name, 0, 2, store.port)
     try:
         tensor = torch.randn(numel, generator=torch.Generator().manual_seed(5))
-        transport.send(1, Message("act", 9, 0, [tensor]))
+        transport.send(1, Message("act", 9, 0, _on(name, [tensor])))
         back = transport.recv("backward", 30)
-        assert back is not None and back.step == 9 and torch.equal(back.tensors[0], tensor)
+        assert back is not None and back.step == 9 and torch.equal(back.tensors[0].cpu(), tensor)
         assert pool[0].result() == pytest.approx(float(tensor.sum()))
         assert transport.stats.bytes_sent > tensor.nbytes and transport.stats.bytes_received > tensor.nbytes
     finally:
@@ -371,7 +388,7 @@ def test_backpressure_blocks_then_raises_peer_lost(name: str, store: TCPStore, p
     _, transport = _join(name, 0, 2, store.port, queue_size=2, peer_timeout=2.0)
     try:
         store.wait(["ready/1"], timedelta(seconds=30))
-        payload = [torch.zeros(2**18)]  # 1 MiB
+        payload = _on(name, [torch.zeros(2**18)])  # 1 MiB
         sent = 0
         with pytest.raises(PeerLost) as err:
             for step in range(200):
@@ -386,7 +403,9 @@ def test_backpressure_blocks_then_raises_peer_lost(name: str, store: TCPStore, p
         store.set("done", "1")
         report = pool[0].result()
         assert report["depth"] == 2  # the idle stage's queue filled up to its bound
-        assert report["steps"] == list(range(sent))  # nothing lost or reordered under backpressure
+        steps = report["steps"]  # nothing reordered under backpressure, and nothing lost but what a GPU stage's
+        assert steps == list(range(len(steps)))  # send thread held when the peer counted as lost
+        assert sent - (DEPTH if name in DEVICE else 0) <= len(steps) <= sent
     finally:
         transport.close()
 
@@ -399,12 +418,12 @@ def test_peer_killed_raises_peer_lost(name: str, store: TCPStore) -> None:
         peer.start(scenario_idle, name=name, port=store.port)
         _, transport = _join(name, 0, 2, store.port, queue_size=2, peer_timeout=2.0)
         store.wait(["ready/1"], timedelta(seconds=30))
-        transport.send(1, Message("act", 0, 0, [torch.ones(3)]))
+        transport.send(1, Message("act", 0, 0, _on(name, [torch.ones(3)])))
         peer.kill()
         start = time.monotonic()
         with pytest.raises(PeerLost):
             for step in range(1, 100):
-                transport.send(1, Message("act", step, 0, [torch.ones(3)]))
+                transport.send(1, Message("act", step, 0, _on(name, [torch.ones(3)])))
         assert time.monotonic() - start < 8
     finally:
         peer.kill()
@@ -414,15 +433,16 @@ def test_peer_killed_raises_peer_lost(name: str, store: TCPStore) -> None:
 
 def test_peer_that_never_answers_raises_peer_lost(name: str, store: TCPStore) -> None:
     # stage 1 publishes an endpoint, then is never started: nothing listens there
-    ghost = make_transport(name, 1, 2, TransportOptions())
+    ghost = make_transport(name, 1, 2, _options(name))
     ghost_endpoint = ghost.bind()
     ghost.close()
     store.set("endpoint/1", ghost_endpoint)
     _, transport = _join(name, 0, 2, store.port, peer_timeout=1.0)
     try:
         start = time.monotonic()
-        with pytest.raises(PeerLost, match="stage 1"):
-            transport.send(1, Message("act", 0, 0, [torch.ones(2)]))
+        with pytest.raises(PeerLost, match="stage 1"):  # from a GPU stage's send thread: at a later call
+            for step in range(10 * DEPTH):
+                transport.send(1, Message("act", step, 0, _on(name, [torch.ones(2)])))
         assert 0.9 <= time.monotonic() - start < 5
         start = time.monotonic()
         transport.send(1, Message("abort", 0, 0, meta={"reason": "x"}))  # best effort: returns, never raises
@@ -459,8 +479,8 @@ def test_abort_wakes_a_blocked_recv(name: str, store: TCPStore, pool: _Pool) -> 
 def test_malformed_frames_are_dropped_and_counted(
     name: str, store: TCPStore, pool: _Pool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if name != "zmq":
-        pytest.skip("raw zmq frames only reach the zmq transport")
+    if name == "rpc":
+        pytest.skip("raw zmq frames only reach the zmq-based transports")
     good, repeat = 20, 10
     pool[0].start(scenario_malformed, name=name, port=store.port, good=good, repeat=repeat)
     caplog.set_level(logging.WARNING, logger="dni_async.transport")
@@ -485,15 +505,15 @@ def test_malformed_frames_are_dropped_and_counted(
 
 
 def test_close_is_idempotent_and_stops_the_thread(name: str, store: TCPStore) -> None:
-    never_bound = make_transport(name, 0, 2, TransportOptions())
+    never_bound = make_transport(name, 0, 2, _options(name))
     never_bound.close()
     never_bound.close()
-    a = make_transport(name, 0, 2, TransportOptions())
-    b = make_transport(name, 1, 2, TransportOptions())
+    a = make_transport(name, 0, 2, _options(name))
+    b = make_transport(name, 1, 2, _options(name))
     endpoints = {0: a.bind(), 1: b.bind()}
     a.connect(endpoints)
     b.connect(endpoints)
-    a.send(1, Message("act", 0, 0, [torch.ones(1)]))
+    a.send(1, Message("act", 0, 0, _on(name, [torch.ones(1)])))
     assert b.recv("forward", 5) is not None
     for transport in (a, b, a, b):
         transport.close()

@@ -47,6 +47,13 @@ class StageIO:
         self.while_sending_forward: Callable[[], None] | None = None
         """What a send forward does while backpressure blocks it (see :meth:`send_forward`)."""
 
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on this stage's device, without making the host wait: a host tensor goes through
+        page-locked memory (received tensors already are) with ``non_blocking``."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
     # ------------------------------------------------------------ sending
 
     def send(self, dst: int, msg: Message, while_blocked: Callable[[], None] | None = None) -> None:
@@ -122,7 +129,7 @@ class StageIO:
         Raises:
             RuntimeError: when its shape is not the activation's.
         """
-        grad = msg.tensors[0].to(self.device)
+        grad = self.to_device(msg.tensors[0])
         if grad.shape != like.shape:
             raise RuntimeError(f"gradient for step {msg.step} from stage {msg.src} has shape "
                                f"{tuple(grad.shape)}, the activation has {tuple(like.shape)}")

@@ -70,6 +70,15 @@ class TransportOptions:
     """Folder of ZeroMQ CURVE keys (``python -m dni_async keys DIR --stages N``): the zmq transport encrypts its
     connections and admits only the neighbour's key on each socket; None: plain tcp."""
 
+    device: str = "cpu"
+    """The stage's device: on a GPU (``cuda:N``) sends are staged off the training thread
+    (transport/device_sender.py) and received tensors land in page-locked memory."""
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether received tensors go to page-locked memory (a GPU stage copies them on without waiting)."""
+        return self.device.startswith("cuda")
+
     def __post_init__(self) -> None:
         if self.queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
@@ -186,6 +195,27 @@ class Transport(abc.ABC):
         self.num_stages = num_stages
         self.options = options
         self.stats = TransportStats()
+
+    def check_route(self, dst: int, msg: Message) -> str:
+        """The direction ``msg`` lands in at ``dst`` (``"forward"`` for stage + 1), checked.
+
+        Raises:
+            ValueError: if ``dst`` is not a neighbour, ``msg.src`` is not this stage, or the kind does not travel
+                that way (grad goes to stage - 1, act/eval to stage + 1).
+        """
+        if abs(dst - self.stage) != 1 or not 0 <= dst < self.num_stages:
+            raise ValueError(f"stage {self.stage} can only send to its neighbours, not to stage {dst}")
+        if msg.src != self.stage:
+            raise ValueError(f"stage {self.stage} sends a message with src={msg.src}")
+        direction = "forward" if dst > self.stage else "backward"
+        if msg.kind not in DIRECTION_KINDS[direction]:
+            raise ValueError(f"stage {self.stage} cannot send a {msg.kind!r} message to stage {dst}")
+        return direction
+
+    def carries_device_tensors(self, dst: int) -> bool:
+        """Whether ``send`` to ``dst`` takes GPU tensors as they are (a ring in GPU memory); else a GPU stage's
+        tensors reach it in host memory."""
+        return False
 
     @abc.abstractmethod
     def bind(self) -> str:

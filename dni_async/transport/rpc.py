@@ -14,7 +14,7 @@ import torch.distributed.rpc as rpc
 
 from .. import protocol
 from . import rpc_hub
-from .base import DIRECTION_KINDS, DIRECTIONS, Message, PeerLost, SendDeadline, TransportOptions
+from .base import DIRECTIONS, Message, PeerLost, SendDeadline, TransportOptions
 from .rpc_hub import _script_functions, listener_env
 from .rpc_receiver import _REJECTED, _WAIT_SLICE_S, RpcReceiver
 
@@ -152,13 +152,7 @@ class RpcTransport(RpcReceiver):
                 not travel that way, or the message cannot be encoded (`protocol.ProtocolError`).
             RuntimeError: before ``connect``, after ``close``, or if the peer rejected the message.
         """
-        if abs(dst - self.stage) != 1 or not 0 <= dst < self.num_stages:
-            raise ValueError(f"stage {self.stage} can only send to its neighbours, not to stage {dst}")
-        if msg.src != self.stage:
-            raise ValueError(f"stage {self.stage} sends a message with src={msg.src}")
-        direction = "forward" if dst > self.stage else "backward"  # the queue it lands in at dst
-        if msg.kind not in DIRECTION_KINDS[direction]:
-            raise ValueError(f"stage {self.stage} cannot send a {msg.kind!r} message to stage {dst}")
+        direction = self.check_route(dst, msg)  # the queue it lands in at dst
         if self._closed or dst not in self._workers:
             raise RuntimeError(f"stage {self.stage}: send() before connect() or after close()")
         frames = protocol.encode(msg)

@@ -74,7 +74,8 @@ class RpcReceiver(Transport):
             if direction not in (0, 1):
                 raise protocol.ProtocolError(f"unknown direction {direction}")
             inb = self._inbound[name]
-            msg = protocol.decode([_byte_view(header), *map(_byte_view, frames)], self.options.max_message_bytes)
+            msg = protocol.decode([_byte_view(header), *map(_byte_view, frames)], self.options.max_message_bytes,
+                                  pin_memory=self.options.pin_memory)
             if msg.src != inb.peer or msg.kind not in DIRECTION_KINDS[name]:
                 raise protocol.ProtocolError(f"{msg.kind} from src={msg.src} on the channel of stage {inb.peer}")
         except protocol.ProtocolError as err:

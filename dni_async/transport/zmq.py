@@ -13,7 +13,7 @@ import zmq
 
 from .. import protocol
 from ..curve import Gate, HandshakeWatch, load_keys, start_gate
-from .base import DIRECTION_KINDS, DIRECTIONS, Message, PeerLost, RejectLog, SendDeadline, TransportOptions
+from .base import DIRECTIONS, Message, PeerLost, RejectLog, SendDeadline, TransportOptions
 from .zmq_receiver import _WAIT_SLICE_S, Inbound, ZmqReceiver
 
 __all__ = ["ZmqTransport", "format_endpoint", "parse_endpoint"]
@@ -70,14 +70,15 @@ def format_endpoint(forward: str, backward: str) -> str:
 
 
 def parse_endpoint(endpoint: str) -> dict[str, str]:
-    """Inverse of `format_endpoint`: ``{"forward": url, "backward": url}``.
+    """Inverse of `format_endpoint`: ``{"forward": url, "backward": url}``, plus ``"ring"`` where a ring transport
+    (ring_transport.py) added what its slots are and where they can be shared.
 
     Raises:
         ValueError: if ``endpoint`` is not a zmq endpoint string.
     """
     scheme, *parts = endpoint.split(";")
     urls = dict(part.split("=", 1) for part in parts if "=" in part)
-    if scheme != _SCHEME or set(urls) != set(DIRECTIONS) or len(parts) != 2:
+    if scheme != _SCHEME or set(urls) - {"ring"} != set(DIRECTIONS) or len(parts) != len(urls):
         raise ValueError(f"not a zmq endpoint: {endpoint!r}; expected 'zmq;forward=tcp://H:P;backward=tcp://H:P'")
     return urls
 
@@ -211,17 +212,15 @@ class ZmqTransport(ZmqReceiver):
                 the message cannot be encoded (`protocol.ProtocolError`).
             RuntimeError: before ``connect`` or after ``close``.
         """
-        if abs(dst - self.stage) != 1 or not 0 <= dst < self.num_stages:
-            raise ValueError(f"stage {self.stage} can only send to its neighbours, not to stage {dst}")
-        if msg.src != self.stage:
-            raise ValueError(f"stage {self.stage} sends a message with src={msg.src}")
-        if msg.kind not in DIRECTION_KINDS["forward" if dst > self.stage else "backward"]:
-            raise ValueError(f"stage {self.stage} cannot send a {msg.kind!r} message to stage {dst}")
+        self.check_route(dst, msg)
         if self._closed or dst not in self._outbound:
             raise RuntimeError(f"stage {self.stage}: send() before connect() or after close()")
-        frames = protocol.encode(msg)
+        self._send_frames(dst, protocol.encode(msg), SendDeadline(self, dst, msg), while_blocked)
+
+    def _send_frames(self, dst: int, frames: list[protocol.Frame], wait: SendDeadline,
+                     while_blocked: Callable[[], None] | None) -> None:
+        """Hand ``frames`` to ``dst``'s PUSH socket, waiting (``while_blocked`` every ~0.1 s) while it is full."""
         sock = self._outbound[dst]
-        wait = SendDeadline(self, dst, msg)
         while True:
             try:
                 sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)

@@ -158,10 +158,18 @@ class ZmqReceiver(Transport):
                 return
             self._accept(inb, frames)
 
+    def _decode(self, inb: Inbound, frames: list[Any]) -> Message:
+        """One message from its frames (a GPU stage's tensors land in page-locked memory).
+
+        Raises:
+            protocol.ProtocolError: for a malformed message.
+        """
+        return protocol.decode(frames, self.options.max_message_bytes, pin_memory=self.options.pin_memory)
+
     def _accept(self, inb: Inbound, frames: list[Any]) -> None:
         """Decode and validate one message; queue it, record an abort, or drop it with a logged reason."""
         try:
-            msg = protocol.decode(frames, self.options.max_message_bytes)
+            msg = self._decode(inb, frames)
         except protocol.ProtocolError as err:
             self.stats.rejected += 1
             self._log_reject(inb.direction, str(err))
