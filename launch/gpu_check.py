@@ -36,6 +36,8 @@ from dni_async.metrics import write_json_atomic  # noqa: E402
 
 MiB = 1 << 20
 MODEL = ["--task", "mnist-fcn", "--num-layers", "4", "--hidden-size", "4096", "--batch-size", "1024"]
+CUDA_TESTS = ["tests/test_transport.py", "tests/test_device_sender.py", "tests/test_gpu.py"]
+"""The test files with ``cuda`` tests (only these are collected: the others may import what the GPU machine lacks)."""
 TARGET_RATIO = 10.0
 """cuda-ipc must move a 64 MiB message at least this many times faster than zmq."""
 
@@ -55,7 +57,8 @@ def jobs() -> list[tuple[int, str, str]]:
 def run_tests(out: Path, timeout: float) -> dict[str, Any]:
     """pytest -m cuda; its counts and the tail of its output."""
     xml = out / "pytest-cuda.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}",
+           *CUDA_TESTS]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         tail, code = (proc.stdout + proc.stderr)[-3000:], proc.returncode
@@ -85,18 +88,18 @@ def measure_links() -> dict[str, Any]:
     return links
 
 
-def run_one(out: Path, stages: int, mode: str, transport: str, steps: int, data_dir: str) -> dict[str, Any]:
+def run_one(runs: Path, stages: int, mode: str, transport: str, steps: int, data_dir: str) -> dict[str, Any]:
     """One job; what the report says of it."""
     flags = [*MODEL, "--steps", str(steps), "--log-every", "50", "--devices", ",".join(["0"] * stages),
              "--data-dir", data_dir]
     flags += ["--microbatches", "4"] if transport == "torch" else ["--transport", transport, "--sync-check"]
-    spec = BenchmarkSpec(modes=[mode], stages=stages, out=out, entry=ROOT / "launch" / "pipeline.py", flags=flags,
+    spec = BenchmarkSpec(modes=[mode], stages=stages, out=runs, entry=ROOT / "launch" / "pipeline.py", flags=flags,
                          job_timeout=120.0)
     row: dict[str, Any] = {"stages": stages, "mode": mode, "transport": transport,
                            "sync_check": transport != "torch"}
     start = time.perf_counter()
     try:
-        summary = run_job(spec, mode, out / "runs" / f"{mode}-{transport}-{stages}")
+        summary = run_job(spec, mode, runs / f"{mode}-{transport}-{stages}")
     except RuntimeError as err:
         return {**row, "status": "failed", "error": str(err)[-1500:], "job_s": round(time.perf_counter() - start, 1)}
     rate = summary["samples_per_s"]
@@ -161,7 +164,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="report folder (report.json, report.md, runs/)")
+    parser.add_argument("--out", type=Path, required=True, help="report folder (report.json, report.md)")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="the jobs' run folders (default: OUT/runs)")
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting jobs after this (default 450)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per job (default 200)")
     parser.add_argument("--data-dir", default=str(ROOT / "dni_async" / "data" / "mnist_subset"),
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             report["runs"].append({"stages": stages, "mode": mode, "transport": transport,
                                    "sync_check": transport != "torch", "status": "not run (budget spent)"})
             continue
-        row = run_one(args.out, stages, mode, transport, args.steps, args.data_dir)
+        row = run_one(args.runs_dir or args.out / "runs", stages, mode, transport, args.steps, args.data_dir)
         print(f"gpu_check: {stages} stages {mode} {transport}: {row['status']} {row.get('samples_per_s')}",
               flush=True)
         report["runs"].append(row)

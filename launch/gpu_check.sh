@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (launch/gpu_check.py): installs what is missing, then runs it; ~8 minutes on one GPU.
 #
-#   bash launch/gpu_check.sh [OUT]     OUT: the report folder (default: docs/results/gpu/<today>)
+#   bash launch/gpu_check.sh [OUT [FLAGS]]   OUT: the report folder (default: docs/results/gpu/<today>);
+#                                            FLAGS go to launch/gpu_check.py (--runs-dir, --budget-s, ...)
 #
 # On a machine that cannot reach a package registry, bring pyzmq as a wheel in .wheels/ (ignored by git),
 # fetched where one can, for that machine's Python, e.g.:
@@ -21,4 +22,4 @@ have msgpack || install "msgpack>=1.0"
 have tqdm || install "tqdm>=4.60"
 have pytest || install pytest
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package from this checkout, no install needed
-exec "$PY" launch/gpu_check.py --out "$OUT"
+exec "$PY" launch/gpu_check.py --out "$OUT" "${@:2}"

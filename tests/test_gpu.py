@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 from helpers import SMALL, SUBSET, ok, read_json, stages
+from torch import nn
 
-pytestmark = [pytest.mark.cuda, pytest.mark.process,
-              pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="stages on a GPU: no CUDA here (launch/gpu_check.sh runs these on a GPU)")]
+from dni_async.pipelining import _ThroughHost, shares_a_gpu
+
+NO_CUDA = "stages on a GPU: no CUDA here (launch/gpu_check.sh runs these on a GPU)"
+
+
+def on_gpu(test: Callable[..., None]) -> Callable[..., None]:
+    """Marks of a test that runs stages on a GPU: ``cuda``, ``process``, skipped without CUDA."""
+    for mark in (pytest.mark.cuda, pytest.mark.process, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                            reason=NO_CUDA)):
+        test = mark(test)
+    return test
 
 DATA = ["--data-dir", str(SUBSET)]
 
 
 @pytest.mark.parametrize("mode", ["dni", "backprop"])
+@on_gpu
 def test_cuda_ipc_and_zmq_train_alike_with_no_host_sync(tmp_path: Path, mode: str) -> None:
     summaries = {}
     for transport in ("cuda-ipc", "zmq"):
@@ -32,9 +43,20 @@ def test_cuda_ipc_and_zmq_train_alike_with_no_host_sync(tmp_path: Path, mode: st
 
 
 @pytest.mark.parametrize("mode", ["gpipe", "1f1b"])
+@on_gpu
 def test_pipelining_baselines_share_one_gpu_through_the_host(tmp_path: Path, mode: str) -> None:
     run = tmp_path / "run"
     ok(stages(2, ["--stages", "2", "--mode", mode, "--devices", "0,0", "--microbatches", "4", "--steps", "60", *DATA,
                   "--run-dir", str(run), *SMALL], timeout=240))
     summary = read_json(run / "summary.json")
     assert summary["final_eval"]["accuracy"] > 0.5 and all(s["device"] == "cuda:0" for s in summary["per_stage"])
+
+
+def test_which_stages_share_a_gpu_and_how_their_blocks_meet_the_host() -> None:
+    assert shares_a_gpu(["0", "cuda:0"]) and shares_a_gpu(["cpu", "1", "1"])
+    assert not shares_a_gpu(["0", "1"]) and not shares_a_gpu(None) and not shares_a_gpu(["cpu", "cpu"])
+    block = nn.Linear(3, 2)
+    wrapped = _ThroughHost(block, torch.device("cpu"))  # on a GPU: the block there, its input and output here
+    x = torch.randn(4, 3, requires_grad=True)
+    wrapped(x).sum().backward()
+    assert x.grad is not None and block.weight.grad is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any, Iterator
 
@@ -160,6 +161,30 @@ def test_a_full_ring_blocks_the_sender_which_keeps_draining_then_raises_peer_los
     assert [b.recv("forward", 5).step for _ in range(2)] == [0, 1]  # type: ignore[union-attr]
     a.send(1, Message("act", 2, 0, [torch.ones(4)]))  # a slot is free again
     assert b.recv("forward", 5).step == 2  # type: ignore[union-attr]
+
+
+def test_close_waits_until_the_neighbour_has_copied_out_what_was_sent() -> None:
+    a, b = stages = [make_transport("shm", s, 2, TransportOptions(queue_size=1)) for s in range(2)]
+    endpoints = {s: t.bind() for s, t in enumerate(stages)}
+    for transport in stages:
+        transport.connect(endpoints)
+    try:
+        a.send(1, Message("eval", 0, 0))  # fills stage 1's queue: its I/O thread leaves the next message unread
+        tensor = torch.randn(1000)
+        a.send(1, Message("act", 1, 0, [tensor]))  # in its slot, the ring not yet opened by stage 1
+        closing = threading.Thread(target=a.close)
+        closing.start()
+        time.sleep(0.3)
+        assert closing.is_alive(), "close() did not wait for the message in the ring"
+        assert b.recv("forward", 5).kind == "eval"  # type: ignore[union-attr]
+        got = b.recv("forward", 5)
+        assert got is not None and torch.equal(got.tensors[0], tensor) and b.stats.rejected == 0
+        closing.join(5)
+        assert not closing.is_alive()
+    finally:
+        for transport in stages:
+            transport.close()
+    assert _ring_files() == []
 
 
 def test_hostile_ring_headers_are_dropped_and_good_traffic_goes_on(pair: list[RingTransport],

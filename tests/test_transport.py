@@ -68,6 +68,7 @@ class _Peer:
         self.proc.start()
         child.close()
         self.ready = False
+        self.pending = False  # a scenario started whose result nobody took (its test failed first)
 
     def start(self, fn: Callable[..., Any], **kwargs: Any) -> None:
         if not self.ready:  # first use: wait for the interpreter and torch to load
@@ -75,12 +76,14 @@ class _Peer:
             assert self.conn.recv()[0] == "ready"
             self.ready = True
         self.conn.send((fn.__name__, kwargs))
+        self.pending = True
 
     def result(self, timeout: float = RESULT_TIMEOUT) -> Any:
         if not self.conn.poll(timeout):
             self.kill()
             pytest.fail(f"peer scenario did not finish within {timeout} s (peer killed; see captured stderr)")
         status, value = self.conn.recv()
+        self.pending = False
         if status == "error":
             pytest.fail(f"peer scenario failed:\n{value}")
         return value
@@ -114,11 +117,21 @@ class _Pool:
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[_Pool]:
+def peers() -> Iterator[_Pool]:
     pool = _Pool()
     yield pool
     for peer in pool.peers:
         peer.stop()
+
+
+@pytest.fixture
+def pool(peers: _Pool) -> Iterator[_Pool]:
+    """The module's peers; one that a failed test left running a scenario is killed (and replaced on the next
+    request), so that no test reads another's result."""
+    yield peers
+    for peer in peers.peers:
+        if peer.pending:
+            peer.kill()
 
 
 @pytest.fixture(params=[pytest.param(n, marks=pytest.mark.cuda) if n in DEVICE else n for n in sorted(TRANSPORTS)])

@@ -24,6 +24,9 @@ __all__ = ["RingTransport", "ShmTransport", "CudaIpcTransport", "host_identity"]
 logger = logging.getLogger("dni_async.transport")
 
 _POLL_MIN_S, _POLL_MAX_S = 2e-5, 1e-3  # a sender waiting for a free slot polls the receiver's counter this often
+CLOSE_WAIT_S = 5.0
+"""How long ``close`` waits for a neighbour to copy out the messages still in its ring (the zmq channel's
+linger is 1 s: a ring message's data lives in the slot, which closing frees)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -188,30 +191,39 @@ class RingTransport(ZmqTransport):
             super().send(dst, msg, while_blocked)
             return
         wait = SendDeadline(self, dst, msg)
-        need = place([t.nbytes for t in msg.tensors])[1]
-        ring = self._sending.get(dst)
-        if ring is None or need > ring.slot_bytes:
-            previous = gen = 0
-            if ring is not None:  # a new, larger ring, once every slot of this one is released
-                self._wait_for_room(ring, 0, wait, while_blocked)
-                previous, gen = ring.slot_bytes, ring.gen + 1
-                del self._sending[dst]
-                ring.close()
-            try:
-                ring = _Sending.create(self.slots_cls, self.device, min(self.options.queue_size, MAX_SLOTS),
-                                       slot_bytes_for(need, previous), gen)
-            except OSError as err:  # e.g. a small /dev/shm: this neighbour gets whole messages over zmq instead
-                logger.warning("stage %d: no ring for stage %d (%s); sending it whole messages over zmq",
-                               self.stage, dst, err)
-                self._ring_peers.discard(dst)
-                super().send(dst, msg, while_blocked)
-                return
-            self._sending[dst] = ring
-        else:
-            self._wait_for_room(ring, ring.slots - 1, wait, while_blocked)
+        ring = self._ring_with_room(dst, place([t.nbytes for t in msg.tensors])[1], wait, while_blocked)
+        if ring is None:
+            super().send(dst, msg, while_blocked)
+            return
         header = protocol.encode(msg, ring=ring.put(msg.tensors))
         self._send_frames(dst, header, wait, while_blocked)
         self.stats.bytes_sent += sum(t.nbytes for t in msg.tensors)
+
+    def _ring_with_room(self, dst: int, need: int, wait: SendDeadline,
+                        while_blocked: Callable[[], None] | None) -> _Sending | None:
+        """The ring to ``dst`` once a slot of at least ``need`` bytes is free in it: this one, or a new, larger
+        one once every slot of this one is released; None where no ring can be made (``dst`` then gets whole
+        messages over zmq from now on)."""
+        ring = self._sending.get(dst)
+        if ring is not None and need <= ring.slot_bytes:
+            self._wait_for_room(ring, ring.slots - 1, wait, while_blocked)
+            return ring
+        previous = gen = 0
+        if ring is not None:
+            self._wait_for_room(ring, 0, wait, while_blocked)
+            previous, gen = ring.slot_bytes, ring.gen + 1
+            del self._sending[dst]
+            ring.close()
+        slots = min(self.options.queue_size, MAX_SLOTS)
+        try:
+            self._sending[dst] = _Sending.create(self.slots_cls, self.device, slots, slot_bytes_for(need, previous),
+                                                 gen)
+        except OSError as err:  # e.g. a small /dev/shm
+            logger.warning("stage %d: no ring for stage %d (%s); sending it whole messages over zmq",
+                           self.stage, dst, err)
+            self._ring_peers.discard(dst)
+            return None
+        return self._sending[dst]
 
     def _wait_for_room(self, ring: _Sending, most: int, wait: SendDeadline,
                        while_blocked: Callable[[], None] | None) -> None:
@@ -250,7 +262,17 @@ class RingTransport(ZmqTransport):
         return Message(msg.kind, msg.step, msg.src, tensors, msg.meta)
 
     def close(self) -> None:
-        """As `ZmqTransport.close`, then the rings: this stage's files and memory, its mappings of the others'."""
+        """As `ZmqTransport.close`, then the rings: this stage's files and memory (once the neighbours have
+        copied out what was sent, up to ``CLOSE_WAIT_S``), its mappings of the others'."""
+        if self._closed:
+            return
+        deadline = time.monotonic() + min(CLOSE_WAIT_S, self.options.peer_timeout)
+        for dst, ring in self._sending.items():  # a message sent just before close is still in its slot
+            while ring.in_flight() and time.monotonic() < deadline and self._abort is None:
+                time.sleep(_POLL_MAX_S)
+            if ring.in_flight():
+                logger.warning("stage %d: closing with %d message(s) to stage %d not yet taken", self.stage,
+                               ring.in_flight(), dst)
         super().close()
         for ring in self._sending.values():
             ring.close()
