@@ -46,7 +46,6 @@ def host_identity() -> str:
 class _Sending:
     """The ring this stage writes for one neighbour."""
 
-    slots_cls: Any
     control: Control
     memory: Any
     gen: int
@@ -64,7 +63,7 @@ class _Sending:
             control.close()
             raise
         announce = {"slots": slots, "slot_bytes": slot_bytes, "control": control.name, "memory": handles}
-        return cls(slots_cls, control, memory, gen, slots, slot_bytes, announce)
+        return cls(control, memory, gen, slots, slot_bytes, announce)
 
     def in_flight(self) -> int:
         """Slots written and not yet released by the receiver."""
