@@ -28,7 +28,7 @@ from dni_async.config import TASK_DEFAULTS, PipelineConfig
 from dni_async.data.copy import copy_batch
 from dni_async.metrics import dumps
 from dni_async.recurrent import TruncatedLSTM, reset_states, sg_fit
-from dni_async.task import Item, PipelineTask, unpack
+from dni_async.task import Item, PipelineTask, Sum, unpack
 
 __all__ = ["THRESHOLD", "WINDOW", "Curriculum", "copy_model_blocks", "sequence_items", "copy_loss", "bit_errors",
            "bits_summary", "pipeline_task", "train", "main"]
@@ -107,17 +107,18 @@ def copy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (loss * mask).sum() / logits.shape[0]
 
 
-def bit_errors(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def bit_errors(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Sum]:
     """Wrong output bits (scored positions) and sequences (each has exactly one scored end marker)."""
     targets, mask = labels[..., :-1], labels[..., -1]
     wrong = ((logits > 0).float() != targets).float().sum(-1) * mask
     ends = (targets[..., -1] * mask).sum()
-    return {"bit_errors": float(wrong.sum()), "sequences": float(ends)}
+    return {"bit_errors": wrong.sum(), "sequences": ends}  # tensors: read once per scored group
 
 
-def bits_summary(sums: dict[str, float]) -> dict[str, float]:
+def bits_summary(sums: dict[str, Sum]) -> dict[str, float]:
     """Bits-per-sequence error of summed :func:`bit_errors`."""
-    return {"bits_error": sums["bit_errors"] / max(1.0, sums["sequences"]), "sequences": int(sums["sequences"])}
+    errors, sequences = float(sums["bit_errors"]), float(sums["sequences"])
+    return {"bits_error": errors / max(1.0, sequences), "sequences": int(sequences)}
 
 
 def _draw_repeats(task: str, max_repeats: int, generator: torch.Generator) -> int:

@@ -28,7 +28,7 @@ from dni_async.config import TASK_DEFAULTS, PipelineConfig
 from dni_async.data.text import SPLITS, TEXT_SUBSET_DIR, Corpus, batchify, split_file
 from dni_async.metrics import dumps
 from dni_async.recurrent import TruncatedLSTM, reset_states
-from dni_async.task import Item, PipelineTask, unpack
+from dni_async.task import Item, PipelineTask, Sum, unpack
 
 __all__ = ["resolve_corpus_dir", "lm_blocks", "stream_items", "lm_loss", "nll_sums", "perplexity",
            "pipeline_task", "train", "main"]
@@ -89,15 +89,15 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def nll_sums(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+def nll_sums(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, Sum]:
     """Summed negative log likelihood (nats) and word count."""
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-    return {"nll": float(nll), "words": float(targets.numel())}
+    return {"nll": nll.detach(), "words": float(targets.numel())}  # a tensor: read once per scored group
 
 
-def perplexity(sums: dict[str, float]) -> dict[str, float]:
+def perplexity(sums: dict[str, Sum]) -> dict[str, float]:
     """Perplexity and mean loss of summed :func:`nll_sums`."""
-    loss = sums["nll"] / max(1.0, sums["words"])
+    loss = float(sums["nll"]) / max(1.0, float(sums["words"]))
     return {"perplexity": math.exp(min(loss, 50.0)), "loss": loss, "words": int(sums["words"])}
 
 

@@ -15,9 +15,14 @@ from dni_async import host_sync
 from dni_async.config import PipelineConfig
 from dni_async.divergence import check_finite
 from dni_async.host_sync import REASONS
+from dni_async.task import class_counts
 from dni_async.transport import Message
+from tasks.copy import BITS, bit_errors
+from tasks.lm import nll_sums
 
 STAGE_LOOP_MODES = ["dni", "cdni", "delayed", "local", "backprop"]
+OURS = ("dni_async", "tasks")
+"""The packages whose code the check watches (torch's own is the CUDA check's)."""
 # What reads a tensor's value back to the host: on a GPU, each waits for every kernel queued so far.
 VALUE_READS = ["item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__"]
 
@@ -35,7 +40,7 @@ def value_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             caller = sys._getframe(1)
             module = caller.f_globals.get("__name__", "")
-            if module.startswith("dni_async") and not host_sync.inside():
+            if module.startswith(OURS) and not host_sync.inside():
                 found.append(f"{module}:{caller.f_lineno} {name}")
             return original(self, *args, **kwargs)
         return read
@@ -68,6 +73,14 @@ def test_training_steps_read_values_only_in_named_host_syncs(tmp_path: Path, mod
     assert pipe.second.eval.final_eval is not None and "accuracy" in pipe.second.eval.final_eval
     assert [line for line in (tmp_path / "m1.jsonl").read_text().splitlines()], "no metrics line was written"
     assert value_reads == [], f"{mode}: values read back outside the named host syncs: {value_reads}"
+
+
+def test_the_tasks_metric_sums_stay_on_the_device(value_reads: list[str]) -> None:
+    logits, labels = torch.randn(4, 3, 5), torch.randint(0, 5, (4, 3))
+    bits = torch.randint(0, 2, (4, 7, BITS + 2)).float()
+    for sums in (class_counts(logits[:, 0], labels[:, 0]), nll_sums(logits, labels), bit_errors(bits[..., :-1], bits)):
+        assert all(isinstance(v, (float, torch.Tensor)) for v in sums.values())
+    assert value_reads == []  # each task's batch sums: read once per scored group, in a host_sync
 
 
 def test_host_sync_names_are_checked() -> None:

@@ -48,7 +48,7 @@ def test_copy_scoring_counts_wrong_bits_per_sequence() -> None:
     (_, y, _), = items
     targets = y[..., :-1]
     perfect = (targets * 2 - 1) * 10
-    assert bit_errors(perfect, y) == {"bit_errors": 0.0, "sequences": 4.0}
+    assert {k: float(v) for k, v in bit_errors(perfect, y).items()} == {"bit_errors": 0.0, "sequences": 4.0}
     wrong = perfect.clone()
     wrong[0, 3, 0] *= -1          # a scored position: one wrong bit
     wrong[1, 0, 0] = -wrong[1, 0, 0] if wrong[1, 0, 0] else 5.0  # an unscored input step: ignored
