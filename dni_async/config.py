@@ -155,11 +155,10 @@ class PipelineConfig:
             raise ValueError(f"--stages must be >= 1, got {self.stages}")
         if self.transport not in TRANSPORT_CHOICES:
             raise ValueError(f"--transport must be one of {TRANSPORT_CHOICES}, got {self.transport!r}")
-        if self.transport == "cuda-ipc" and (self.devices is None and not torch.cuda.is_available()
-                                             or any(d == "cpu" for d in self.devices or [])):
+        cpu_stage = "cpu" in self.devices if self.devices is not None else not torch.cuda.is_available()
+        if self.transport == "cuda-ipc" and cpu_stage:
             raise ValueError("--transport cuda-ipc carries GPU stages' tensors; a stage here is on the CPU")
-        if self.sync_check and (self.devices is None and not torch.cuda.is_available()
-                                or any(d == "cpu" for d in self.devices or [])):
+        if self.sync_check and cpu_stage:
             raise ValueError("--sync-check checks GPU stages; a stage here is on the CPU")
         if self.sync_check and self.method.pipelining:
             raise ValueError(f"--sync-check checks the stage loop; --mode {self.mode} runs torch's schedule")

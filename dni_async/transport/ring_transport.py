@@ -185,17 +185,15 @@ class RingTransport(ZmqTransport):
         self.check_route(dst, msg)
         if self._closed or dst not in self._outbound:
             raise RuntimeError(f"stage {self.stage}: send() before connect() or after close()")
-        kind = self.slots_cls.device_type
-        if dst not in self._ring_peers or not msg.tensors or any(t.device.type != kind for t in msg.tensors):
-            super().send(dst, msg, while_blocked)
-            return
         wait = SendDeadline(self, dst, msg)
-        ring = self._ring_with_room(dst, place([t.nbytes for t in msg.tensors])[1], wait, while_blocked)
-        if ring is None:
-            super().send(dst, msg, while_blocked)
+        kind = self.slots_cls.device_type
+        ring = None
+        if dst in self._ring_peers and msg.tensors and all(t.device.type == kind for t in msg.tensors):
+            ring = self._ring_with_room(dst, place([t.nbytes for t in msg.tensors])[1], wait, while_blocked)
+        if ring is None:  # a whole message over zmq, as ZmqTransport.send (whose checks were made above)
+            self._send_frames(dst, protocol.encode(msg), wait, while_blocked)
             return
-        header = protocol.encode(msg, ring=ring.put(msg.tensors))
-        self._send_frames(dst, header, wait, while_blocked)
+        self._send_frames(dst, protocol.encode(msg, ring=ring.put(msg.tensors)), wait, while_blocked)
         self.stats.bytes_sent += sum(t.nbytes for t in msg.tensors)
 
     def _ring_with_room(self, dst: int, need: int, wait: SendDeadline,
