@@ -5,9 +5,12 @@ with a fresh ``mmap`` and returns it with ``munmap`` when freed; the top of a he
 that grows past the trim threshold is given back as well. A training step frees
 and allocates the same megabyte tensors again and again, so each step touches
 fresh pages: thousands of page faults a step. A stage process has a receiving
-thread, whose arena is trimmed the same way, and it is worse there: ~5,000
-faults a step against ~5 in ``tests/test_allocator.py``'s loop, and the stages
-computed up to a third slower than alone (figures in docs/operations.md, Memory).
+thread, whose arena is trimmed the same way, and it is worse there: in
+``tests/test_allocator.py``'s loop, from under 400 to over 5,000 faults a step on average
+(glibc raises its thresholds at moments that depend on the threads' timing),
+~9,000 with its starting thresholds held, and none with this setting but in the
+few steps where the process's peak still grows; the stages computed up to a
+third slower than alone (figures in docs/operations.md, Memory).
 
 :func:`keep_freed_memory` fixes both thresholds (``mallopt``), so blocks up to
 :data:`MMAP_THRESHOLD` come from the heap and up to :data:`TRIM_THRESHOLD` of
