@@ -1,4 +1,4 @@
-"""What sharing the cores costs: the CPU time of a step when more stage processes compute than there are cores.
+"""What sharing the cores costs: the CPU time of a step when the stage processes outnumber the cores.
 
 The schedule model shares the cores among the stages that compute (processor
 sharing). That alone would be free; a real kernel switches processes every few

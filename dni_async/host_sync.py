@@ -25,7 +25,9 @@ __all__ = ["REASONS", "host_sync", "inside", "sync_check"]
 #
 # Messages never read back on the training thread (transport/device_sender.py).
 # ``--sync-check`` runs the stages under torch.cuda.set_sync_debug_mode("error"),
-# lifted inside these blocks only: any other sync fails the run where it happens.
+# lifted while the training thread is inside one of these blocks (the mode is the
+# process's: the I/O threads, which never sync, are unchecked meanwhile): any
+# other sync fails the run where it happens.
 
 REASONS = ("metrics line", "scored group", "checkpoint", "saved gradients", "summary")
 _state = threading.local()
@@ -40,7 +42,8 @@ def host_sync(reason: str) -> Iterator[None]:
     """
     if reason not in REASONS:
         raise ValueError(f"unknown host sync {reason!r}; the stage loop's are {REASONS}")
-    mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else 0
+    # Only where CUDA is started: asking for the mode starts it, and a CPU stage on a machine with a GPU never does.
+    mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_initialized() else 0
     if mode:
         torch.cuda.set_sync_debug_mode(0)
     _state.depth = getattr(_state, "depth", 0) + 1

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import msgpack
 import torch
 
-from .transport.base import KINDS, Message
+from .transport.base import DIRECTION_KINDS, KINDS, Message
 
-__all__ = ["VERSION", "DTYPES", "MAX_HEADER_BYTES", "ProtocolError", "Frame", "Header", "encode", "decode",
-           "decode_header", "frame_nbytes"]
+__all__ = ["VERSION", "DTYPES", "MAX_HEADER_BYTES", "ProtocolError", "Frame", "Spec", "Header", "encode", "decode",
+           "decode_header", "decode_payload", "check_channel", "frame_nbytes"]
 
 # [Note: the wire format]
 #
@@ -189,7 +188,11 @@ def frame_nbytes(frame: Any) -> int:
     return _as_buffer(frame).nbytes
 
 
-def _check_specs(specs: Any, max_bytes: int) -> list[tuple[torch.dtype, list[int], int]]:
+Spec = tuple[torch.dtype, list[int], int]
+"""A declared tensor, as the header's checks return it: (dtype, shape, nbytes)."""
+
+
+def _check_specs(specs: Any, max_bytes: int) -> list[Spec]:
     """Validate the declared tensors; return (dtype, shape, nbytes) of each, before allocating anything."""
     if not isinstance(specs, list):
         raise ProtocolError(f"tensors must be a list, got {type(specs).__name__}")
@@ -224,8 +227,8 @@ class Header:
     kind: str
     step: int
     src: int
-    specs: list[tuple[torch.dtype, list[int], int]]
-    """(dtype, shape, nbytes) of each tensor, checked against the byte limit."""
+    specs: list[Spec]
+    """Each tensor's (dtype, shape, nbytes), checked against the byte limit."""
     meta: dict[str, Any]
     ring: Any = None
     """The ``ring`` map of a ring transport's message (not yet validated: ring.py does that); None otherwise."""
@@ -260,6 +263,16 @@ def decode_header(frame: Any, max_bytes: int) -> Header:
                   _check_specs(header["tensors"], max_bytes), _check_meta(header["meta"]), header.get("ring"))
 
 
+def check_channel(kind: str, src: int, peer: int, direction: str) -> None:
+    """Check that a message of ``kind`` from ``src`` may arrive on the ``direction`` channel from stage ``peer``.
+
+    Raises:
+        ProtocolError: where it may not; the message says what came on which channel.
+    """
+    if src != peer or kind not in DIRECTION_KINDS[direction]:
+        raise ProtocolError(f"{kind} from src={src} on the channel of stage {peer}")
+
+
 def decode(frames: Sequence[Any], max_bytes: int, pin_memory: bool = False) -> Message:
     """Turn frames back into a message, validating everything; copies each payload once.
 
@@ -278,13 +291,21 @@ def decode(frames: Sequence[Any], max_bytes: int, pin_memory: bool = False) -> M
     """
     if len(frames) == 0:
         raise ProtocolError("no frames")
-    header = decode_header(frames[0], max_bytes)
+    return decode_payload(decode_header(frames[0], max_bytes), frames[1:], pin_memory)
+
+
+def decode_payload(header: Header, raws: Sequence[Any], pin_memory: bool = False) -> Message:
+    """The message of a validated header and the raw frames that followed it; as `decode` from there on.
+
+    Raises:
+        ProtocolError: for frames that do not match the header, or a ring transport's header.
+    """
     if header.ring is not None:
         raise ProtocolError("a ring transport's message (its tensors are in a shared slot) on a plain channel")
     specs = header.specs
-    if len(frames) != 1 + len(specs):
-        raise ProtocolError(f"{len(specs)} tensors declared but {len(frames) - 1} raw frames received")
-    buffers = [_as_buffer(f) for f in frames[1:]]
+    if len(raws) != len(specs):
+        raise ProtocolError(f"{len(specs)} tensors declared but {len(raws)} raw frames received")
+    buffers = [_as_buffer(f) for f in raws]
     for k, ((_, shape, nbytes), buf) in enumerate(zip(specs, buffers)):
         if buf.nbytes != nbytes:
             raise ProtocolError(f"tensor {k}: shape {shape} needs {nbytes} bytes, its frame has {buf.nbytes}")
@@ -294,9 +315,7 @@ def decode(frames: Sequence[Any], max_bytes: int, pin_memory: bool = False) -> M
             tensors.append(torch.empty(shape, dtype=dtype, pin_memory=pin_memory))
         elif pin_memory:
             out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # the one copy, into page-locked memory
-            with warnings.catch_warnings():  # a read-only frame: only read here, by the copy
-                warnings.simplefilter("ignore", UserWarning)
-                out.copy_(torch.frombuffer(buf, dtype=torch.uint8))
+            _raw_frame(out)[:] = buf
             tensors.append(out.view(dtype).reshape(shape))
         else:
             # bytearray(): the one copy; the tensor keeps the bytearray alive.

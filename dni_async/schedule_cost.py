@@ -2,7 +2,7 @@
 
 ``stage_cost.stage_step_times`` times the stage loop's step; a gpipe or 1f1b
 stage runs ``PipelineStage`` and its schedule instead, which do more per
-microbatch (on the benchmark model, 6-34% more per batch than locked
+microbatch (on the benchmark model, up to 34% more per batch than locked
 backprop's step on one microbatch, summed over the batch: docs/benchmark.md). This module times
 the schedule on each stage's block in a one-process world: the stage is first
 and last there, so the block's input is given with ``requires_grad`` where the
@@ -14,9 +14,7 @@ gradient the next stage would send). Transport and waiting are not in it.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime
-import os
 from typing import Any, Callable
 
 import torch
@@ -24,12 +22,9 @@ import torch.distributed as dist
 from torch.distributed import pipelining
 from torch.distributed.pipelining import PipelineStage
 
-from .allocator import set_malloc
 from .config import PipelineConfig
-from .lifecycle import validate
-from .optim import fast_adam
-from .stage_cost import interleaved_medians
-from .task import PipelineTask, unpack
+from .stage_cost import alone, interleaved_medians
+from .task import PipelineTask
 
 __all__ = ["schedule_batch_times", "scale_microbatch_costs"]
 
@@ -46,15 +41,13 @@ def schedule_batch_times(task: PipelineTask, config: PipelineConfig, repeats: in
         raise ValueError(f"--mode {config.mode} has no pipelining schedule to time")
     if dist.is_initialized():
         raise ValueError("schedule_batch_times needs a process without a torch.distributed process group")
-    torch.set_num_threads(config.threads_per_stage)
-    set_malloc(config.system_malloc)
-    stages, shapes = validate(task, dataclasses.replace(config, run_dir=os.devnull, resume=None))  # as stage_cost
-    x, y, _ = unpack(next(iter(task.data()[0])))
+    start = alone(task, config)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        fns = [_batch(task, config, block, x if i == 0 else torch.randn(x.shape[0], *shapes[i - 1][1:]), y,
-                      shapes[i], i == len(stages) - 1, i > 0) for i, block in enumerate(stages)]
+        last = len(start.stages) - 1
+        fns = [_batch(task, config, block, start.input_of(i), start.y, start.shapes[i], i == last, i > 0)
+               for i, block in enumerate(start.stages)]
         return interleaved_medians(fns, repeats, warmup)
     finally:
         dist.destroy_process_group()
@@ -74,11 +67,10 @@ def _batch(task: PipelineTask, config: PipelineConfig, block: torch.nn.Sequentia
                                                  requires_grad=input_grad),
                           output_args=torch.empty(micro, device="meta", requires_grad=True))
     schedule = getattr(pipelining, str(config.method.schedule))(stage, m, loss_fn=loss)
-    opt = fast_adam(block.parameters(), config.lr)
     inp = x.detach().requires_grad_(input_grad)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
+        block.zero_grad(set_to_none=True)
         inp.grad = None
         schedule.step(inp, target=y)
 

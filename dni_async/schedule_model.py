@@ -151,7 +151,7 @@ class _Engine:
         self.oversubscribed = len(programs) * threads > cores
         self.now = self.clock = self.cpu_clock = 0.0
         self.ends: list[tuple[float, int]] = []  # computes in progress: (work clock at their end, stage)
-        self.arrivals: list[tuple[float, int, int, str, int]] = []  # (time, seq, dst, direction or TICK, payload)
+        self.arrivals: list[tuple[float, int, int, str, int]] = []  # (time, seq, dst, direction or _TICK, payload)
         self.link_free: dict[tuple[int, int], float] = {}
         self.on_way: dict[tuple[int, str], int] = {}
         self.seq = 0

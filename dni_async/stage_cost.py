@@ -21,13 +21,42 @@ from .task import PipelineTask, unpack
 from .transport import Message
 from .transport.memory import MemoryTransport
 
-__all__ = ["interleaved_medians", "stage_step_times"]
+__all__ = ["Alone", "alone", "interleaved_medians", "stage_step_times"]
 
 PARTS = {"forward": "forward_s", "act_sent": "forward_s", "sg_predicted": "sg_predict_s", "sg_update": "sg_update_s"}
 """Which part of a step each trace event's span is (see ``dni_async.trace``); the SG's work is ``sg_*``. Every
 other span but the input's is ``backward_s``: the loss, the backward passes, optimizer steps, sending the input's
 gradient. The span that ends at an ``input`` event is the time between two steps, where the other stages take
 their turns: not counted."""
+
+
+@dataclasses.dataclass
+class Alone:
+    """What timing the stages one at a time starts from (:func:`alone`)."""
+
+    stages: list[torch.nn.Sequential]
+    shapes: list[torch.Size]
+    """Each stage's output shape."""
+    batches: Any
+    """The task's training items, after the first."""
+    x: torch.Tensor
+    y: torch.Tensor
+    """The first batch."""
+
+    def input_of(self, stage: int) -> torch.Tensor:
+        """The first batch for stage 0; for a later stage, a random stand-in of its input's shape."""
+        return self.x if stage == 0 else torch.randn(self.x.shape[0], *self.shapes[stage - 1][1:])
+
+
+def alone(task: PipelineTask, config: PipelineConfig) -> Alone:
+    """Set this process up as a stage process would be (threads, malloc) and build the stages and the first
+    batch. No run folder: an earlier run's checkpoints are not a measurement's concern."""
+    torch.set_num_threads(config.threads_per_stage)
+    set_malloc(config.system_malloc)
+    stages, shapes = validate(task, dataclasses.replace(config, run_dir=os.devnull, resume=None))
+    batches = iter(task.data()[0])
+    x, y, _ = unpack(next(batches))
+    return Alone(stages, shapes, batches, x, y)
 
 
 def interleaved_medians(fns: list[Callable[[], None]], repeats: int, warmup: int) -> list[float]:
@@ -121,17 +150,13 @@ def stage_step_times(task: PipelineTask, config: PipelineConfig, repeats: int = 
         the activation message it sends forward and of the gradient it sends back; 0 where it sends none);
         ``input_s`` (stage 0: reading the next batch from the task's data, outside the step).
     """
-    torch.set_num_threads(config.threads_per_stage)
-    set_malloc(config.system_malloc)
-    # no run folder: its checkpoints (of an earlier run) are not this measurement's concern
-    stages, shapes = validate(task, dataclasses.replace(config, run_dir=os.devnull, resume=None))
+    start = alone(task, config)
+    stages, shapes = start.stages, start.shapes
     config = dataclasses.replace(config, log_every=10**9, snapshot_every=0, eval_every=0, checkpoint_every=0,
                                  save_grads_step=None, slow_stage={}, fail_stage={}, resume=None)
-    batches = iter(task.data()[0])
-    x, y, _ = unpack(next(batches))
 
     def read() -> None:
-        unpack(next(batches))
+        unpack(next(start.batches))
 
     input_s = interleaved_medians([read], repeats, 1)[0]
     per_example = [tuple(s[1:]) for s in shapes]
@@ -149,8 +174,7 @@ def stage_step_times(task: PipelineTask, config: PipelineConfig, repeats: int = 
         sinks.append(_Events())
         workers.append(StageWorker(i, len(stages), copy.deepcopy(stage), transport, config, torch.device("cpu"),
                                    task, per_example, metrics, sinks[-1]))
-        inp = x if i == 0 else torch.randn(x.shape[0], *shapes[i - 1][1:])
-        fns.append(_stepper(workers[-1], inp, y))
+        fns.append(_stepper(workers[-1], start.input_of(i), start.y))
     medians = interleaved_medians(fns, repeats, warmup)
     metrics.close()
     return [{"stage": i, "step_s": median, **_breakdown(sink.events, repeats + warmup, median),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Batch", "Item", "EvalData", "Sum", "PipelineTask", "unpack", "class_counts", "accuracy"]
+__all__ = ["Batch", "Item", "EvalData", "Sum", "PipelineTask", "unpack", "add_sums", "class_counts", "accuracy"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Item = Union[Batch, tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]
@@ -29,6 +29,12 @@ def unpack(item: Item) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
 def class_counts(output: torch.Tensor, labels: torch.Tensor) -> dict[str, Sum]:
     """Correct argmax predictions and examples of a batch of class scores."""
     return {"correct": (output.argmax(-1) == labels).sum(), "examples": float(labels.numel())}
+
+
+def add_sums(sums: dict[str, Sum], batch: dict[str, Sum]) -> None:
+    """Add one batch's sums to a group's running totals ``sums`` (tensors stay where they are: no wait)."""
+    for key, value in batch.items():
+        sums[key] = sums[key] + value if key in sums else value
 
 
 def accuracy(sums: dict[str, float]) -> dict[str, float]:
@@ -91,8 +97,7 @@ class PipelineTask:
     def add_metrics(self, sums: dict[str, Sum], output: torch.Tensor, labels: torch.Tensor) -> None:
         """Add one batch's :attr:`metric_fn` sums to ``sums`` (a group's running totals; tensors stay on the
         device, so that adding never waits for it)."""
-        for key, value in self.metric_fn(output, labels).items():
-            sums[key] = sums[key] + value if key in sums else value
+        add_sums(sums, self.metric_fn(output, labels))
 
     def summary(self, sums: dict[str, Sum]) -> dict[str, Any]:
         """:attr:`summarize` of a group's totals, read back as floats (a wait for the device: call it in a

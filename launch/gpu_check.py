@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from dni_async.benchmark import BenchmarkSpec, environment, run_job  # noqa: E402
+from dni_async.data.mnist import SUBSET_DIR  # noqa: E402
 from dni_async.link_probe import measure_link  # noqa: E402
 from dni_async.metrics import write_json_atomic  # noqa: E402
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", type=Path, default=None, help="the jobs' run folders (default: OUT/runs)")
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting jobs after this (default 450)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per job (default 200)")
-    parser.add_argument("--data-dir", default=str(ROOT / "dni_async" / "data" / "mnist_subset"),
+    parser.add_argument("--data-dir", default=str(SUBSET_DIR),
                         help="MNIST folder (default: the bundled subset)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -28,7 +28,7 @@ from dni_async.config import TASK_DEFAULTS, PipelineConfig
 from dni_async.data.copy import copy_batch
 from dni_async.metrics import dumps
 from dni_async.recurrent import TruncatedLSTM, reset_states, sg_fit
-from dni_async.task import Item, PipelineTask, Sum, unpack
+from dni_async.task import Item, PipelineTask, Sum, add_sums, unpack
 
 __all__ = ["THRESHOLD", "WINDOW", "Curriculum", "copy_model_blocks", "sequence_items", "copy_loss", "bit_errors",
            "bits_summary", "pipeline_task", "train", "main"]
@@ -221,7 +221,7 @@ def train(task: str = "copy", mode: str = "dni", steps: int = 20_000, bptt: int 
             sg_fit(model)
             measuring = True
         repeats = _draw_repeats(task, max_repeats, gen)
-        sums: dict[str, float] = {}
+        sums: dict[str, Sum] = {}
         for x, y, meta in map(unpack, sequence_items(batch_size, curriculum.length, repeats, max_repeats, bptt,
                                                      gen)):
             if meta["reset"]:
@@ -231,8 +231,7 @@ def train(task: str = "copy", mode: str = "dni", steps: int = 20_000, bptt: int 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            for key, value in bit_errors(logits.detach(), y).items():
-                sums[key] = sums.get(key, 0.0) + value
+            add_sums(sums, bit_errors(logits.detach(), y))
             done += 1
             bar.update(1)
         sequences += 1

@@ -28,7 +28,7 @@ from dni_async.config import TASK_DEFAULTS, PipelineConfig
 from dni_async.data.text import SPLITS, TEXT_SUBSET_DIR, Corpus, batchify, split_file
 from dni_async.metrics import dumps
 from dni_async.recurrent import TruncatedLSTM, reset_states
-from dni_async.task import Item, PipelineTask, Sum, unpack
+from dni_async.task import Item, PipelineTask, Sum, add_sums, unpack
 
 __all__ = ["resolve_corpus_dir", "lm_blocks", "stream_items", "lm_loss", "nll_sums", "perplexity",
            "pipeline_task", "train", "main"]
@@ -142,12 +142,11 @@ def pipeline_task(config: PipelineConfig) -> PipelineTask:
 def evaluate(model: nn.Module, items: list[Item]) -> dict[str, float]:
     """Perplexity of ``model`` over ``items`` (eval mode, state carried through the stream)."""
     model.eval()
-    sums = {"nll": 0.0, "words": 0.0}
+    sums: dict[str, Sum] = {"nll": 0.0, "words": 0.0}
     for x, y, meta in map(unpack, items):
         if meta.get("reset"):
             reset_states(model, training=False)
-        for key, value in nll_sums(model(x), y).items():
-            sums[key] += value
+        add_sums(sums, nll_sums(model(x), y))
     model.train()
     return perplexity(sums)
 

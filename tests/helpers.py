@@ -18,6 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = ROOT / "dni_async" / "data" / "mnist_subset"
+DATA = ["--data-dir", str(SUBSET)]
+"""The bundled MNIST subset, as launcher flags."""
 """The MNIST subset bundled in the package (the first 6,000 train and 1,000 test images of the real files)."""
 LAUNCH = ROOT / "launch" / "pipeline.py"
 SMALL = ["--hidden-size", "64", "--num-layers", "2", "--no-progress", "--log-every", "5"]

@@ -7,7 +7,7 @@ from typing import Callable
 
 import pytest
 import torch
-from helpers import SMALL, SUBSET, ok, read_json, stages
+from helpers import DATA, SMALL, ok, read_json, stages
 from torch import nn
 
 from dni_async.pipelining import _ThroughHost, shares_a_gpu
@@ -22,7 +22,6 @@ def on_gpu(test: Callable[..., None]) -> Callable[..., None]:
         test = mark(test)
     return test
 
-DATA = ["--data-dir", str(SUBSET)]
 
 
 @pytest.mark.parametrize("mode", ["dni", "backprop"])

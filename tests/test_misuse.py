@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import (
+    DATA,
     LAUNCH,
     ROOT,
     SMALL,
@@ -46,7 +47,6 @@ from dni_async.rundir import LOCK_FILE, lock_run_dir
 from tasks import get_pipeline_task
 from tasks.mnist import _batches
 
-DATA = ["--data-dir", str(SUBSET)]
 SMALL_MODEL = {"hidden_size": 64, "num_layers": 2}
 
 

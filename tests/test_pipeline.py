@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    DATA,
     LAUNCH,
     ROOT,
     SMALL,
@@ -39,7 +40,6 @@ from tasks.mnist import _batches, fcn_blocks
 
 pytestmark = pytest.mark.process
 MODES = ["dni", "cdni", "backprop", "delayed", "local"]
-DATA = ["--data-dir", str(SUBSET)]
 
 
 @pytest.fixture(scope="module")

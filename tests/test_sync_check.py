@@ -15,12 +15,13 @@ from dni_async import host_sync
 from dni_async.config import PipelineConfig
 from dni_async.divergence import check_finite
 from dni_async.host_sync import REASONS
+from dni_async.methods import METHODS, MODES
 from dni_async.task import class_counts
 from dni_async.transport import Message
 from tasks.copy import BITS, bit_errors
 from tasks.lm import nll_sums
 
-STAGE_LOOP_MODES = ["dni", "cdni", "delayed", "local", "backprop"]
+STAGE_LOOP_MODES = [m for m in MODES if not METHODS[m].pipelining]
 OURS = ("dni_async", "tasks")
 """The packages whose code the check watches (torch's own is the CUDA check's)."""
 # What reads a tensor's value back to the host: on a GPU, each waits for every kernel queued so far.

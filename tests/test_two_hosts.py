@@ -18,7 +18,7 @@ from typing import Iterator
 import netns
 import pytest
 import torch
-from helpers import LAUNCH, SMALL, SUBSET, finish, kill_group, ok, read_json, stages, start
+from helpers import DATA, LAUNCH, SMALL, finish, kill_group, ok, read_json, stages, start
 from netns import ADDRESSES, Host, two_hosts
 
 from dni_async.checkpoint import load_stage, newest_complete
@@ -26,7 +26,6 @@ from dni_async.curve import generate_keys
 
 pytestmark = pytest.mark.process
 PORT = 29555
-DATA = ["--data-dir", str(SUBSET)]
 
 
 def agent(host: Host, node_rank: int, nproc: int, run_dir: Path, args: list[str]) -> list[str]:

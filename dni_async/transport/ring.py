@@ -136,15 +136,14 @@ def check_announce(value: Any, max_bytes: int) -> Announce:
     return Announce(slots, slot_bytes, control, value["memory"])
 
 
-def check_ref(value: Any, nbytes: list[int], expected: tuple[int, int] | None, slots: int, slot_bytes: int,
-              max_bytes: int) -> Ref:
+def check_ref(value: Any, nbytes: list[int], expected: tuple[int, int] | None, slot_bytes: int, max_bytes: int) -> Ref:
     """Validate a message's ring map against the tensors it declares and the receiver's ring.
 
     Args:
         value: the header's ``ring`` map.
         nbytes: bytes of each declared tensor.
         expected: (generation, slot) the receiver expects next; None before any ring.
-        slots, slot_bytes: the receiver's current ring (ignored when the map announces a new one).
+        slot_bytes: the slot size of the receiver's current ring (ignored when the map announces a new one).
         max_bytes: the largest message accepted.
 
     Raises:
@@ -158,13 +157,13 @@ def check_ref(value: Any, nbytes: list[int], expected: tuple[int, int] | None, s
     slot = _int("slot", value["slot"], 0, MAX_SLOTS - 1)
     new = check_announce(value["new"], max_bytes) if "new" in value else None
     if new is not None:
-        slots, slot_bytes = new.slots, new.slot_bytes
+        slot_bytes = new.slot_bytes
         want = (0 if expected is None else expected[0] + 1, 0)
     elif expected is None:
         raise ProtocolError("a ring message before its ring was announced")
     else:
         want = expected
-    if (gen, slot) != want or slot >= slots:
+    if (gen, slot) != want:  # the receiver expects only slots of its ring
         raise ProtocolError(f"ring generation {gen} slot {slot} out of order: expected generation {want[0]} "
                             f"slot {want[1]}")
     offsets = value["offsets"]

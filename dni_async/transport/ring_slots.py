@@ -10,14 +10,13 @@ from typing import Any, Sequence
 
 import torch
 
-from ..protocol import ProtocolError
+from ..protocol import ProtocolError, Spec
 from .ring import CONTROL_BYTES, Announce, Control
 
 __all__ = ["HostSlots", "CudaSlots", "wait_for_event"]
 
 logger = logging.getLogger("dni_async.transport")
 
-Spec = tuple[torch.dtype, list[int], int]  # (dtype, shape, nbytes), as protocol.decode_header checks them
 _HANDLE_BYTES = 256  # upper bound on the bytes of one CUDA IPC handle or ref-counter file name
 
 
@@ -86,7 +85,9 @@ class HostSlots:
         return out
 
     def close(self) -> None:
+        """Drop the slots, then their control block."""
         del self.data
+        self.control.close()
 
 
 class CudaSlots:
@@ -198,8 +199,10 @@ class CudaSlots:
             self.control.release()
 
     def close(self) -> None:
+        """Stop releasing, drop the slots and events, then their control block."""
         self._stop.set()
         if self._releaser is not None:
             self._released.put(None)
             self._releaser.join(5.0)
         del self.data, self.events
+        self.control.close()

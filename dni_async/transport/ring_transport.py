@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .. import protocol
-from .base import DIRECTION_KINDS, DIRECTIONS, Message, SendDeadline, TransportOptions
+from .base import DIRECTIONS, Message, SendDeadline, TransportOptions
 from .ring import MAX_SLOTS, Control, Ref, check_ref, place, ring_name, slot_bytes_for
 from .ring_slots import CudaSlots, HostSlots
 from .zmq import ZmqTransport, parse_endpoint
@@ -46,11 +46,9 @@ def host_identity() -> str:
 class _Sending:
     """The ring this stage writes for one neighbour."""
 
-    control: Control
     memory: Any
+    """The slots (ring_slots.py), which hold the ring's control block."""
     gen: int
-    slots: int
-    slot_bytes: int
     announce: dict[str, Any]
     produced: int = 0
 
@@ -63,15 +61,23 @@ class _Sending:
             control.close()
             raise
         announce = {"slots": slots, "slot_bytes": slot_bytes, "control": control.name, "memory": handles}
-        return cls(control, memory, gen, slots, slot_bytes, announce)
+        return cls(memory, gen, announce)
+
+    @property
+    def slots(self) -> int:
+        return int(self.announce["slots"])
+
+    @property
+    def slot_bytes(self) -> int:
+        return int(self.announce["slot_bytes"])
 
     def in_flight(self) -> int:
         """Slots written and not yet released by the receiver."""
-        return self.produced - int(self.control.consumed.value)
+        return self.produced - int(self.memory.control.consumed.value)
 
-    def put(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
-        """Write ``tensors`` into the next slot (the caller has waited for it to be free); their ring map."""
-        offsets, _ = place([t.nbytes for t in tensors])
+    def put(self, offsets: list[int], tensors: list[torch.Tensor]) -> dict[str, Any]:
+        """Write ``tensors`` at ``offsets`` (`ring.place`) into the next slot (the caller has waited for it to be
+        free); their ring map."""
         slot = self.produced % self.slots
         self.memory.write(slot, offsets, tensors)
         ring: dict[str, Any] = {"gen": self.gen, "slot": slot, "offsets": offsets}
@@ -79,10 +85,6 @@ class _Sending:
             ring["new"] = self.announce
         self.produced += 1
         return ring
-
-    def close(self) -> None:
-        self.memory.close()
-        self.control.close()
 
 
 class _Receiving:
@@ -100,8 +102,7 @@ class _Receiving:
             protocol.ProtocolError: for a map out of order or malformed, or a ring that cannot be opened.
         """
         expected = None if self.memory is None else (self.gen, self.accepted % self.slots)
-        ref = check_ref(header.ring, [n for _, _, n in header.specs], expected, self.slots, self.slot_bytes,
-                        self.max_bytes)
+        ref = check_ref(header.ring, [n for _, _, n in header.specs], expected, self.slot_bytes, self.max_bytes)
         if ref.new is not None:
             new = ref.new
             try:
@@ -125,7 +126,6 @@ class _Receiving:
     def close(self) -> None:
         if self.memory is not None:
             self.memory.close()
-            self.memory.control.close()
             self.memory = None
 
 
@@ -189,11 +189,12 @@ class RingTransport(ZmqTransport):
         kind = self.slots_cls.device_type
         ring = None
         if dst in self._ring_peers and msg.tensors and all(t.device.type == kind for t in msg.tensors):
-            ring = self._ring_with_room(dst, place([t.nbytes for t in msg.tensors])[1], wait, while_blocked)
+            offsets, need = place([t.nbytes for t in msg.tensors])
+            ring = self._ring_with_room(dst, need, wait, while_blocked)
         if ring is None:  # a whole message over zmq, as ZmqTransport.send (whose checks were made above)
             self._send_frames(dst, protocol.encode(msg), wait, while_blocked)
             return
-        self._send_frames(dst, protocol.encode(msg, ring=ring.put(msg.tensors)), wait, while_blocked)
+        self._send_frames(dst, protocol.encode(msg, ring=ring.put(offsets, msg.tensors)), wait, while_blocked)
         self.stats.bytes_sent += sum(t.nbytes for t in msg.tensors)
 
     def _ring_with_room(self, dst: int, need: int, wait: SendDeadline,
@@ -210,7 +211,7 @@ class RingTransport(ZmqTransport):
             self._wait_for_room(ring, 0, wait, while_blocked)
             previous, gen = ring.slot_bytes, ring.gen + 1
             del self._sending[dst]
-            ring.close()
+            ring.memory.close()
         slots = min(self.options.queue_size, MAX_SLOTS)
         try:
             self._sending[dst] = _Sending.create(self.slots_cls, self.device, slots, slot_bytes_for(need, previous),
@@ -234,17 +235,15 @@ class RingTransport(ZmqTransport):
             time.sleep(min(pause, remaining))
             pause = min(2 * pause, _POLL_MAX_S)
 
-    def _decode(self, inb: Inbound, frames: list[Any]) -> Message:
-        """A plain message as zmq decodes it; a ring message (checked to come from the neighbour of this channel,
-        before it touches the ring) as a `_Pending` that ``recv`` completes."""
-        header = protocol.decode_header(frames[0], self.options.max_message_bytes)
+    def _decode(self, inb: Inbound, header: protocol.Header, frames: list[Any]) -> Message:
+        """A plain message as zmq decodes it; a ring message (its channel checked before it touches the ring) as
+        a `_Pending` that ``recv`` completes."""
         if header.ring is None:
-            return super()._decode(inb, frames)
-        if header.src != inb.peer or header.kind not in DIRECTION_KINDS[inb.direction]:
-            raise protocol.ProtocolError(f"{header.kind} from src={header.src} on the channel of stage {inb.peer}")
+            return super()._decode(inb, header, frames)
         if len(frames) != 1:
             raise protocol.ProtocolError(f"a ring message has {len(frames) - 1} raw frames; its tensors are in a slot")
         memory, ref = self._receiving[inb.direction].accept(header)
+        self.stats.bytes_received += sum(n for _, _, n in header.specs)
         return _Pending(header.kind, header.step, header.src, [], header.meta, memory, ref, header.specs)
 
     def recv(self, direction: str, timeout: float | None = None) -> Message | None:
@@ -255,7 +254,6 @@ class RingTransport(ZmqTransport):
             return msg
         assert msg.ref is not None and msg.specs is not None
         tensors = msg.memory.read(msg.ref.slot, msg.ref.offsets, msg.specs)
-        self.stats.bytes_received += sum(n for _, _, n in msg.specs)
         return Message(msg.kind, msg.step, msg.src, tensors, msg.meta)
 
     def close(self) -> None:
@@ -272,7 +270,7 @@ class RingTransport(ZmqTransport):
                                ring.in_flight(), dst)
         super().close()
         for ring in self._sending.values():
-            ring.close()
+            ring.memory.close()
         self._sending.clear()
         for receiving in self._receiving.values():
             receiving.close()

@@ -11,7 +11,7 @@ from typing import List
 import torch
 
 from .. import protocol
-from .base import DIRECTION_KINDS, DIRECTIONS, Aborted, Message, RejectLog, Transport, TransportOptions
+from .base import DIRECTIONS, Aborted, Message, RejectLog, Transport, TransportOptions
 
 __all__ = ["RpcReceiver"]
 
@@ -76,8 +76,7 @@ class RpcReceiver(Transport):
             inb = self._inbound[name]
             msg = protocol.decode([_byte_view(header), *map(_byte_view, frames)], self.options.max_message_bytes,
                                   pin_memory=self.options.pin_memory)
-            if msg.src != inb.peer or msg.kind not in DIRECTION_KINDS[name]:
-                raise protocol.ProtocolError(f"{msg.kind} from src={msg.src} on the channel of stage {inb.peer}")
+            protocol.check_channel(msg.kind, msg.src, inb.peer, name)
         except protocol.ProtocolError as err:
             with self._stats_lock:
                 self.stats.rejected += 1

@@ -14,7 +14,7 @@ from typing import Any
 import zmq
 
 from .. import protocol
-from .base import DIRECTION_KINDS, DIRECTIONS, Aborted, Message, RejectLog, Transport
+from .base import DIRECTIONS, Aborted, Message, RejectLog, Transport
 
 __all__ = ["Inbound", "ZmqReceiver"]
 
@@ -158,25 +158,23 @@ class ZmqReceiver(Transport):
                 return
             self._accept(inb, frames)
 
-    def _decode(self, inb: Inbound, frames: list[Any]) -> Message:
-        """One message from its frames (a GPU stage's tensors land in page-locked memory).
+    def _decode(self, inb: Inbound, header: protocol.Header, frames: list[Any]) -> Message:
+        """One message from its checked header and its frames (a GPU stage's tensors land in page-locked memory).
 
         Raises:
             protocol.ProtocolError: for a malformed message.
         """
-        return protocol.decode(frames, self.options.max_message_bytes, pin_memory=self.options.pin_memory)
+        return protocol.decode_payload(header, frames[1:], pin_memory=self.options.pin_memory)
 
     def _accept(self, inb: Inbound, frames: list[Any]) -> None:
         """Decode and validate one message; queue it, record an abort, or drop it with a logged reason."""
         try:
-            msg = self._decode(inb, frames)
+            header = protocol.decode_header(frames[0], self.options.max_message_bytes)
+            protocol.check_channel(header.kind, header.src, inb.peer, inb.direction)
+            msg = self._decode(inb, header, frames)
         except protocol.ProtocolError as err:
             self.stats.rejected += 1
             self._log_reject(inb.direction, str(err))
-            return
-        if msg.src != inb.peer or msg.kind not in DIRECTION_KINDS[inb.direction]:
-            self.stats.rejected += 1
-            self._log_reject(inb.direction, f"{msg.kind} from src={msg.src} on the channel of stage {inb.peer}")
             return
         self.stats.messages_received += 1
         self.stats.bytes_received += sum(protocol.frame_nbytes(f) for f in frames)
